@@ -1,0 +1,22 @@
+# Two commands on a fresh machine: `make serve` starts the server, `make test` runs the tests.
+# Both create .venv and install the project (torch==2.14.1 and torchvision==0.29.1 are pinned).
+PYTHON ?= python3
+VENV := .venv
+INSTALLED := $(VENV)/.installed
+
+.PHONY: serve test bench
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: $(INSTALLED)
+	$(VENV)/bin/sam3-serve serve $(ARGS)
+
+test: $(INSTALLED)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(VENV)/bin/python -m benchmarks.sam3_image $(ARGS)
