@@ -1,0 +1,40 @@
+"""The models of one worker process: loaded once at start-up, shared by every task that needs them.
+
+SAM 3 is loaded once and serves sam3-image and, as the models join, the detection step of the
+3D pipelines. A task runs a whole batch of jobs so that stages can batch across them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models.sam3 import Sam3Predictor, load_sam3
+from pipeline import sam3_image
+from pipeline.task import TaskInput, TaskOutput
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(
+        self,
+        weights_dir: Path,
+        weight_sets: set[str],
+        device: str,
+        dtype: torch.dtype,
+        embedding_cache_size: int,
+        max_batch_size: int,
+    ) -> None:
+        self.device = device
+        self.sam3: Sam3Predictor | None = None
+        if "sam3" in weight_sets:
+            models = load_sam3(weights_dir / "sam3", device=device, dtype=dtype)
+            self.sam3 = Sam3Predictor(models, cache_size=embedding_cache_size, max_vit_batch=max_batch_size)
+            log.info("SAM 3 loaded on %s (%s)", device, dtype)
+        self._runners = {"sam3-image": lambda items: sam3_image.run(self.sam3, items)}
+
+    def run(self, task: str, items: list[TaskInput]) -> list[TaskOutput]:
+        return self._runners[task](items)

@@ -1,0 +1,127 @@
+"""Request parameters of every served model: one pydantic schema each, the single source of
+validation (HTTP 400 naming the parameter), the OpenAPI schema and the README tables.
+
+Torch-free on purpose: the HTTP processes import this, the worker imports the models.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _json_list(value: object) -> object:
+    """Accept a JSON-encoded list ("[[300, 400]]", as Segmind documents) or a real list."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list: {exc.msg}") from None
+    return value
+
+
+def _pairs(value: object) -> object:
+    value = _json_list(value)
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return [value]  # one bare [x, y]
+    return value
+
+
+def _boxes(value: object) -> object:
+    value = _json_list(value)
+    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value):
+        return [value]  # one bare [x1, y1, x2, y2]
+    return value
+
+
+def _labels(value: object) -> object:
+    value = _json_list(value)
+    if not isinstance(value, list):
+        return value
+    flat: list = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, list):
+            for item in v:
+                walk(item)
+        else:
+            flat.append(v)
+
+    walk(value)
+    return flat
+
+
+Point = Annotated[list[float], Field(min_length=2, max_length=2)]
+Box = Annotated[list[float], Field(min_length=4, max_length=4)]
+
+
+class Sam3ImageParams(BaseModel):
+    """sam3-image parameters besides the image (names, defaults and ranges as on Segmind)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_prompt: str | None = Field(
+        None, max_length=500, description="Concept to segment, e.g. 'red car': every instance is returned."
+    )
+    points_input: Annotated[list[Point] | None, BeforeValidator(_pairs)] = Field(
+        None, description='Clicks on one object, as "[[x, y], ...]" in image pixels.'
+    )
+    point_labels_input: Annotated[list[Literal[0, 1]] | None, BeforeValidator(_labels)] = Field(
+        None, description='One label per click, 1 foreground / 0 background, e.g. "[[1, 0]]". Default: all 1.'
+    )
+    boxes_input: Annotated[list[Box] | None, BeforeValidator(_boxes)] = Field(
+        None, description='Boxes as "[[x1, y1, x2, y2], ...]" in image pixels; see box_prompt_mode.'
+    )
+    box_prompt_mode: Literal["object", "exemplar"] = Field(
+        "object",
+        description="object: each box selects that one object. exemplar: boxes are examples of the concept "
+        "and every similar instance is returned (with text_prompt when given).",
+    )
+    threshold: float = Field(0.5, ge=0.1, le=1.0, description="Minimum score of a concept (text/exemplar) match.")
+    points_per_side: int = Field(
+        32, ge=0, le=128, description="Automatic mask generation grid when no prompt is given (0: off)."
+    )
+    pred_iou_thresh: float = Field(0.88, ge=0.5, le=1.0, description="Automatic masks: minimum predicted IoU.")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="Automatic masks: minimum stability.")
+    max_masks: int = Field(0, ge=0, le=100, description="Keep the best N masks (0: all).")
+    return_preview: bool = Field(True, description="Output one PNG with every mask in its own colour.")
+    return_overlay: bool = Field(False, description="Output the masks blended over the input image.")
+    return_masks: bool = Field(False, description="Output one binary PNG per mask, at the input size.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Sam3ImageParams:
+        if self.text_prompt is not None:
+            self.text_prompt = self.text_prompt.strip() or None
+        if self.point_labels_input is not None:
+            if not self.points_input:
+                raise ValueError("point_labels_input: given without points_input")
+            if len(self.point_labels_input) not in (1, len(self.points_input)):
+                raise ValueError(
+                    f"point_labels_input: {len(self.point_labels_input)} labels for "
+                    f"{len(self.points_input)} points (give one per point, or one for all)"
+                )
+        for i, (x1, y1, x2, y2) in enumerate(self.boxes_input or []):
+            if not (x2 > x1 and y2 > y1):
+                raise ValueError(f"boxes_input: box {i} must have x2 > x1 and y2 > y1")
+        if not (self.text_prompt or self.points_input or self.boxes_input or self.points_per_side):
+            raise ValueError(
+                "points_per_side: no prompt given and automatic mask generation is off; "
+                "give text_prompt, points_input or boxes_input, or points_per_side > 0"
+            )
+        return self
+
+    def check_bounds(self, width: int, height: int) -> None:
+        """Prompts must lie on the image; raises ValueError naming the parameter."""
+        for i, (x, y) in enumerate(self.points_input or []):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"points_input: point {i} ({x}, {y}) is outside the {width}x{height} image")
+        for i, (x1, y1, x2, y2) in enumerate(self.boxes_input or []):
+            if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
+                raise ValueError(f"boxes_input: box {i} lies outside the {width}x{height} image")
+
+    @property
+    def point_labels(self) -> list[int]:
+        labels = self.point_labels_input or [1]
+        return labels * len(self.points_input) if len(labels) == 1 else labels

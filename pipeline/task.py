@@ -1,0 +1,32 @@
+"""What flows between the job layer and a model pipeline: decoded inputs in, named files and data out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel
+
+# save(file_name, content, content_type): stores one output file of the job.
+SaveFile = Callable[[str, bytes, str], None]
+
+
+class TaskError(Exception):
+    """A failure caused by the request itself (e.g. nothing matched); its message goes to the client."""
+
+
+@dataclass
+class TaskInput:
+    image: np.ndarray  # HxWx3 uint8 RGB
+    image_key: str  # content hash of `image`: the embedding cache key
+    params: BaseModel
+    save: SaveFile
+
+
+@dataclass
+class TaskOutput:
+    primary: str | None  # file name of the primary output (what v1 returns as bytes)
+    files: dict[str, str | list[str]]  # response key -> file name(s)
+    data: dict  # JSON-serialisable outputs
+    metrics: dict = field(default_factory=dict)
