@@ -1,0 +1,66 @@
+"""`sam3-serve`: serve, and manage weights.
+
+    sam3-serve serve [--host ...] [--port ...]      start the server
+    sam3-serve weights download [SET ...]           fetch weight sets from the Hugging Face Hub
+    sam3-serve weights verify                       load each present set, report key mismatches
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from server import config as config_module
+from server.weights import MANIFEST, DownloadError, download, verify
+
+
+def _weights_dir(args: argparse.Namespace) -> Path:
+    return config_module.from_sources(argparse.Namespace(weights_dir=args.weights_dir)).weights_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sam3-serve", description="Local inference server for the SAM 3 family.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the server")
+    config_module.add_arguments(serve)
+
+    weights = commands.add_parser("weights", help="download or verify model weights")
+    weight_commands = weights.add_subparsers(dest="weights_command", required=True)
+    get = weight_commands.add_parser("download", help="snapshot weight sets from the Hugging Face Hub (uses HF_TOKEN)")
+    get.add_argument("sets", nargs="*", choices=[[], *MANIFEST], metavar="SET", help=f"one of {', '.join(MANIFEST)} (default: all)")
+    check = weight_commands.add_parser("verify", help="load every present weight set; non-zero exit on any key mismatch")
+    for sub in (get, check):
+        sub.add_argument("--weights-dir", default=None, help="weights directory [env SAM3_SERVE_WEIGHTS_DIR]")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from server.app import serve as run_server
+
+        run_server(config_module.from_sources(args))
+        return 0
+
+    weights_dir = _weights_dir(args)
+    if args.weights_command == "download":
+        status = 0
+        for name in args.sets or list(MANIFEST):
+            entry = MANIFEST[name]
+            print(f"{name}: downloading {entry.repo} ({entry.size}) into {weights_dir / name}", flush=True)
+            try:
+                download(name, weights_dir)
+                print(f"{name}: done")
+            except DownloadError as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+                status = 1
+        return status
+
+    status = 0
+    for result in verify(weights_dir):
+        print(f"{result.name}: {'ok' if result.ok else 'FAILED'}: {result.message}")
+        status |= not result.ok
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

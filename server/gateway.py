@@ -1,0 +1,233 @@
+"""What every contract's routes share: validating a request, turning it into a job, handing it to
+the workers, waiting for it, and naming its files by absolute URL. Contracts only map names and
+shapes onto this (Segmind now; fal and WaveSpeed are further views of the same jobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import Request
+from litserve.utils import ResponseBufferItem
+from pydantic import BaseModel, ValidationError
+
+from pipeline.registry import TASKS, TaskSpec
+from server.artifacts import ArtifactStore, new_token
+from server.auth import ApiKeys
+from server.config import ServeConfig
+from server.images import ImageInputError, ImageLimits, content_key, load_image
+from server.jobs import Job, JobStore, QueueFull, new_job_id
+from server.weights import MANIFEST
+from server.worker import WORKER_PATH
+
+
+@dataclass
+class ApiError(Exception):
+    """An HTTP error with a client-facing message; each contract renders it in its own shape."""
+
+    status: int
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """pydantic errors -> "name: what is wrong", the parameter first, as clients need it."""
+    parts = []
+    for e in error.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown parameter"
+        name = str(e["loc"][0]) if e["loc"] else ""
+        parts.append(message if not name or message.startswith(f"{name}:") else f"{name}: {message}")
+    return "; ".join(parts)
+
+
+def missing_weights(weights_dir: Path) -> dict[str, list[str]]:
+    """Per model: the weight files it still needs (empty when it can be served)."""
+    return {
+        name: [f for ws in spec.weights for f in MANIFEST[ws].missing(weights_dir)] for name, spec in TASKS.items()
+    }
+
+
+class Gateway:
+    def __init__(
+        self, config: ServeConfig, store: JobStore, artifacts: ArtifactStore, keys: ApiKeys, draining, server=None
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.artifacts = artifacts
+        self.keys = keys
+        self.draining = draining
+        self.server = server  # the LitServer, for its request queue and response buffer
+        self.inputs = config.data_dir / "inputs"
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        self.missing = missing_weights(config.weights_dir)
+        self.limits = ImageLimits(
+            config.max_image_pixels, config.max_request_bytes, config.url_timeout, config.allow_private_urls
+        )
+
+    # -- models -------------------------------------------------------------------------------
+
+    def task(self, model: str) -> TaskSpec:
+        spec = TASKS.get(model)
+        if spec is None:
+            raise ApiError(404, f"Unknown model '{model}'. Served models: {', '.join(TASKS)}")
+        missing = self.missing[model]
+        if missing:
+            commands = sorted({MANIFEST[ws].download_command for ws in spec.weights})
+            raise ApiError(
+                503,
+                f"Model '{model}' is unavailable: missing weight files {', '.join(missing)} in "
+                f"{self.config.weights_dir}. Fetch them with: {'; '.join(commands)}",
+            )
+        return spec
+
+    def models(self) -> list[dict]:
+        return [
+            {
+                "name": name,
+                "summary": spec.summary,
+                "available": not self.missing[name],
+                "missing_files": self.missing[name],
+                "download": [MANIFEST[ws].download_command for ws in spec.weights],
+            }
+            for name, spec in TASKS.items()
+        ]
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"Request body is larger than {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"Request body is larger than {limit} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "Request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "Request body must be a JSON object of parameters")
+        return data
+
+    def validate(self, spec: TaskSpec, params: dict) -> BaseModel:
+        try:
+            return spec.params.model_validate(params)
+        except ValidationError as exc:
+            raise ApiError(400, describe_validation_error(exc)) from None
+
+    async def submit(self, model: str, image: object, params: dict, consumer_id: int, wait: bool) -> tuple[Job, asyncio.Event | None]:
+        """Validate, decode, persist as QUEUED, and enqueue; `wait` also registers for the worker's answer."""
+        spec = self.task(model)
+        if self.draining.is_set():
+            raise ApiError(503, "Server is shutting down; submit again shortly", {"Retry-After": "10"})
+        if not isinstance(image, str) or not image.strip():
+            raise ApiError(400, "image: required, as an http(s) URL, base64, or a data: URI")
+        validated = self.validate(spec, params)
+        try:
+            pixels = await load_image(image, self.limits)
+        except ImageInputError as exc:
+            raise ApiError(400, f"image: {exc}") from None
+        try:
+            validated.check_bounds(pixels.shape[1], pixels.shape[0])
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+        job_id = new_job_id()
+        input_path = self.inputs / f"{job_id}.npy"
+        key = await asyncio.to_thread(self._save_input, input_path, pixels)
+        payload = {"params": validated.model_dump(mode="json"), "image_key": key}
+        try:
+            job = await asyncio.to_thread(
+                self.store.submit, model, payload, str(input_path), new_token(), self.config.job_timeout,
+                self.config.retention, self.config.max_queue, job_id,
+            )
+        except QueueFull as full:
+            input_path.unlink(missing_ok=True)
+            raise ApiError(
+                429, f"Too many jobs ({full.depth} waiting or running); retry later",
+                {"Retry-After": str(self._retry_after(full.depth))},
+            ) from None
+        return job, self.dispatch(job.id, consumer_id, wait)
+
+    @staticmethod
+    def _save_input(path: Path, pixels: np.ndarray) -> str:
+        np.save(path, pixels)
+        return content_key(pixels)
+
+    def _retry_after(self, depth: int) -> int:
+        per_job = self.store.recent_inference_time() or 1.0
+        return max(1, min(300, math.ceil(per_job * depth / self.config.max_batch_size)))
+
+    def dispatch(self, job_id: str, consumer_id: int, wait: bool = False) -> asyncio.Event | None:
+        """Hand a job to the workers through LitServe's queue; answers for unregistered ids are dropped."""
+        event = None
+        if wait:
+            event = asyncio.Event()
+            self.server.response_buffer[job_id] = ResponseBufferItem(event=event)
+        self.server.litapi_request_queues[WORKER_PATH].put((consumer_id, job_id, time.monotonic(), {"job_id": job_id}))
+        return event
+
+    async def wait_finished(self, job_id: str, event: asyncio.Event) -> Job:
+        """Until the job is COMPLETED or FAILED. The worker's answer wakes us at once; the store is
+        checked every second too, for jobs the watchdog or a worker crash ended instead."""
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                job = await asyncio.to_thread(self.store.get, job_id)
+                if job is None:
+                    raise ApiError(404, f"Request {job_id} not found")
+                if job.finished:
+                    return job
+                if event.is_set():  # answered without starting it: the server is draining
+                    raise ApiError(
+                        503, f"Server is shutting down; request {job_id} stays queued and runs after the restart",
+                        {"Retry-After": "10"},
+                    )
+        finally:
+            self.server.response_buffer.pop(job_id, None)
+
+    async def job(self, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None:
+            raise ApiError(404, f"Request {job_id} not found")
+        return job
+
+    # -- URLs -----------------------------------------------------------------------------------
+
+    def base_url(self, request: Request) -> str:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        return str(request.base_url).rstrip("/")
+
+    def file_url(self, base: str, job: Job, name: str) -> str:
+        return f"{base}/files/{job.files_token}/{name}"
+
+    def file_object(self, base: str, job: Job, name: str) -> dict:
+        info = job.result["files"][name]
+        return {
+            "url": self.file_url(base, job, name),
+            "content_type": info["content_type"],
+            "file_name": name,
+            "file_size": info["size"],
+        }
+
+    def primary_file(self, job: Job) -> tuple[Path, str] | None:
+        name = job.result.get("primary") if job.result else None
+        if not name:
+            return None
+        path = self.artifacts.path(job.files_token, name)
+        return (path, job.result["files"][name]["content_type"]) if path else None

@@ -1,0 +1,152 @@
+"""The inference worker: one LitServe API whose process holds every model.
+
+LitServe gives each API its own worker processes (and CUDA context), so SAM 3 and the 3D models
+live behind this single API: a batch may mix models, and the 3D pipelines reuse the SAM 3
+already loaded for their detection step.
+
+The worker owns its jobs' outcomes: it moves them QUEUED -> PROCESSING in the job store, runs a
+whole batch through the pipeline, and writes COMPLETED or FAILED itself before answering LitServe.
+So a result is never lost with a front end, and `predict` never raises (in LitServe an exception
+fails the whole batch, and one that cannot be pickled kills the worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.synchronize
+import os
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import litserve as ls
+import numpy as np
+
+from pipeline.registry import TASKS
+from pipeline.task import TaskError, TaskInput, TaskOutput
+from server.artifacts import ArtifactStore
+from server.config import ServeConfig
+from server.jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+WORKER_PATH = "/internal/worker"  # LitServe's own route for it is removed; contracts enqueue directly
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+class ModelWorker(ls.LitAPI):
+    def __init__(self, config: ServeConfig, weight_sets: set[str], draining: multiprocessing.synchronize.Event) -> None:
+        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, api_path=WORKER_PATH)
+        self.config = config
+        self.weight_sets = weight_sets
+        self.draining = draining
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from pipeline.runtime import Runtime
+
+        # Ctrl+C reaches the whole process group: the main process drains, workers finish their batch.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.store = JobStore(self.config.jobs_db)
+        self.artifacts = ArtifactStore(self.config.data_dir / "files")
+        dtype = getattr(torch, resolve_dtype(self.config.dtype, device))
+        self.runtime = Runtime(
+            self.config.weights_dir,
+            self.weight_sets,
+            device=device,
+            dtype=dtype,
+            embedding_cache_size=self.config.embedding_cache_size,
+            max_batch_size=self.config.max_batch_size,
+        )
+
+    def decode_request(self, request: dict) -> str:
+        return request["job_id"]
+
+    def predict(self, job_ids: list[str] | str) -> list[dict] | dict:
+        batched = isinstance(job_ids, list)
+        ids = job_ids if batched else [job_ids]
+        if self.draining.is_set():
+            # Shutting down: leave them QUEUED in the store; they run after the restart.
+            answers = [{"job_id": i, "started": False} for i in ids]
+            return answers if batched else answers[0]
+        jobs = self.store.start(ids, os.getpid())
+        by_model: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            by_model[job.model].append(job)
+        for model, group in by_model.items():
+            self._run_batch(model, group)
+        answers = [{"job_id": i, "started": True} for i in ids]
+        return answers if batched else answers[0]
+
+    def encode_response(self, output: dict) -> dict:
+        return output
+
+    def _prepare(self, job: Job, saved: dict[str, dict]) -> TaskInput:
+        def save(name: str, content: bytes, content_type: str) -> None:
+            size = self.artifacts.save(job.files_token, name, content)
+            saved[name] = {"content_type": content_type, "size": size}
+
+        spec = TASKS[job.model]
+        image = np.load(job.input_path)
+        params = spec.params.model_validate(job.payload["params"])
+        return TaskInput(image=image, image_key=job.payload["image_key"], params=params, save=save)
+
+    def _run_batch(self, model: str, jobs: list[Job]) -> None:
+        """Run jobs of one model together; if the batch fails, run each alone so one bad job fails alone."""
+        saved: dict[str, dict[str, dict]] = {job.id: {} for job in jobs}
+        ready: list[tuple[Job, TaskInput]] = []
+        for job in jobs:
+            try:
+                ready.append((job, self._prepare(job, saved[job.id])))
+            except Exception as exc:
+                log.exception("job %s: unreadable input", job.id)
+                self._finish(job, error=f"Could not read the job's input: {type(exc).__name__}: {exc}")
+        if not ready:
+            return
+        try:
+            outputs = self.runtime.run(model, [item for _, item in ready])
+        except Exception as exc:
+            if len(ready) > 1:
+                log.warning("batch of %d %s jobs failed (%s); running them one by one", len(ready), model, exc)
+                for job, _ in ready:
+                    self._run_batch(model, [job])
+                return
+            job = ready[0][0]
+            if isinstance(exc, TaskError):
+                self._finish(job, error=str(exc))
+            else:
+                log.exception("job %s failed", job.id)
+                self._finish(job, error=f"Internal error while running {model}: {type(exc).__name__}: {exc}")
+            return
+        for (job, _), output in zip(ready, outputs):
+            self._finish(job, output=output, files=saved[job.id], batch_size=len(ready))
+
+    def _finish(
+        self,
+        job: Job,
+        output: TaskOutput | None = None,
+        files: dict | None = None,
+        batch_size: int = 1,
+        error: str | None = None,
+    ) -> None:
+        if output is not None:
+            result = {
+                "primary": output.primary,
+                "outputs": output.files,
+                "files": files,
+                "data": output.data,
+                "metrics": {**output.metrics, "batch_size": batch_size},
+            }
+            if not self.store.complete(job.id, result):
+                self.artifacts.delete(job.files_token)  # the watchdog failed it meanwhile
+        else:
+            self.store.fail(job.id, error)
+        if job.input_path:
+            Path(job.input_path).unlink(missing_ok=True)
