@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = commands.add_parser("weights", help="download or verify model weights")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True)
     get = weight_commands.add_parser("download", help="snapshot weight sets from the Hugging Face Hub (uses HF_TOKEN)")
-    get.add_argument("sets", nargs="*", choices=[[], *MANIFEST], metavar="SET", help=f"one of {', '.join(MANIFEST)} (default: all)")
+    get.add_argument("sets", nargs="*", metavar="SET", help=f"any of {', '.join(MANIFEST)} (default: all)")
     check = weight_commands.add_parser("verify", help="load every present weight set; non-zero exit on any key mismatch")
     for sub in (get, check):
         sub.add_argument("--weights-dir", default=None, help="weights directory [env SAM3_SERVE_WEIGHTS_DIR]")
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     weights_dir = _weights_dir(args)
     if args.weights_command == "download":
+        unknown = [name for name in args.sets if name not in MANIFEST]
+        if unknown:
+            parser.error(f"unknown weight set(s) {', '.join(unknown)}; known: {', '.join(MANIFEST)}")
         status = 0
         for name in args.sets or list(MANIFEST):
             entry = MANIFEST[name]

@@ -18,7 +18,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field("127.0.0.1", description="Address to bind (LitServe allows these three).")
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field("127.0.0.1", description="Address to bind (LitServe binds only these).")
     port: int = Field(8000, ge=1024, le=65535, description="Port to listen on.")
     weights_dir: Path = Field(Path("weights"), description="Directory of weight sets (see weights/README.md).")
     data_dir: Path = Field(Path("data"), description="Job database, inputs and output files.")
@@ -113,5 +113,8 @@ def markdown_table() -> str:
     rows = ["| Flag | Environment variable | Default | Description |", "| --- | --- | --- | --- |"]
     for name, field in ServeConfig.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default
-        rows.append(f"| `{_flag(name)}` | `{env_name(name)}` | `{default}` | {field.description} |")
+        description = field.description
+        if get_origin(field.annotation) is Literal:
+            description += " One of " + ", ".join(f"`{c}`" for c in get_args(field.annotation)) + "."
+        rows.append(f"| `{_flag(name)}` | `{env_name(name)}` | `{default}` | {description} |")
     return "\n".join(rows)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import create_model
+from pydantic import Field, create_model
 
 from pipeline.registry import TASKS, TaskSpec
 from server.gateway import ApiError, Gateway
@@ -66,13 +66,8 @@ def require_key(gateway: Gateway) -> Callable:
 
 def request_schema(spec: TaskSpec) -> dict:
     """OpenAPI body of a model: its parameter schema plus the `image` field."""
-    model = create_model(
-        f"{spec.params.__name__.removesuffix('Params')}Request",
-        __base__=spec.params,
-        image=(str, ...),
-    )
-    model.model_fields["image"].description = "Input image: http(s) URL, raw base64, or a data: URI."
-    model.model_rebuild(force=True)
+    image = Field(description="Input image: http(s) URL, raw base64, or a data: URI.")
+    model = create_model(f"{spec.params.__name__.removesuffix('Params')}Request", __base__=spec.params, image=(str, image))
     return model.model_json_schema()
 
 
