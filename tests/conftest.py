@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random SAM 3 checkpoint in the exact facebook/sam3 layout, images, servers."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BPE_VOCAB = SHARED / "fixtures" / "sam3" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights directory holding `sam3/`: the tiny random checkpoint, written the way the Hub has it."""
+    from models.sam3.random_checkpoint import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("weights")
+    write_random_checkpoint(root / "sam3", BPE_VOCAB, size="tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def empty_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("no-weights")
+
+
+def png_b64(image: np.ndarray | Image.Image) -> str:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def noise_image(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
