@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import litserve as ls
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
 from server import segmind
@@ -76,6 +77,7 @@ class Sam3Server(ls.LitServer):
         # Gzip would re-encode PNG/GLB files for nothing and hide their Content-Length.
         self.app.user_middleware[:] = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         self.app.title = "sam3-serve"
+        self.app.add_exception_handler(StarletteHTTPException, http_error)
         self.app.include_router(common_router(self.gateway))
         self.app.include_router(segmind.build_router(self.gateway))
         warn_if_exposed(config.host, config.is_loopback, keys)
@@ -139,6 +141,11 @@ class Sam3Server(ls.LitServer):
         if left:
             log.warning("drain timeout: %d job(s) still running; they are re-queued at the next start", left)
         self._shutdown_event.set()
+
+
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and wrong methods answer in the contract's JSON shape too."""
+    return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
 
 
 def common_router(gateway: Gateway) -> APIRouter:

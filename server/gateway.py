@@ -134,6 +134,9 @@ class Gateway:
         if not isinstance(image, str) or not image.strip():
             raise ApiError(400, "image: required, as an http(s) URL, base64, or a data: URI")
         validated = self.validate(spec, params)
+        depth = await asyncio.to_thread(self.store.unfinished)
+        if depth >= self.config.max_queue:  # refuse before downloading and decoding; submit() re-checks atomically
+            raise self._queue_full(depth)
         try:
             pixels = await load_image(image, self.limits)
         except ImageInputError as exc:
@@ -154,10 +157,7 @@ class Gateway:
             )
         except QueueFull as full:
             input_path.unlink(missing_ok=True)
-            raise ApiError(
-                429, f"Too many jobs ({full.depth} waiting or running); retry later",
-                {"Retry-After": str(self._retry_after(full.depth))},
-            ) from None
+            raise self._queue_full(full.depth) from None
         return job, self.dispatch(job.id, consumer_id, wait)
 
     @staticmethod
@@ -165,9 +165,10 @@ class Gateway:
         np.save(path, pixels)
         return content_key(pixels)
 
-    def _retry_after(self, depth: int) -> int:
+    def _queue_full(self, depth: int) -> ApiError:
         per_job = self.store.recent_inference_time() or 1.0
-        return max(1, min(300, math.ceil(per_job * depth / self.config.max_batch_size)))
+        retry_after = max(1, min(300, math.ceil(per_job * depth / self.config.max_batch_size)))
+        return ApiError(429, f"Too many jobs ({depth} waiting or running); retry later", {"Retry-After": str(retry_after)})
 
     def dispatch(self, job_id: str, consumer_id: int, wait: bool = False) -> asyncio.Event | None:
         """Hand a job to the workers through LitServe's queue; answers for unregistered ids are dropped."""

@@ -59,6 +59,7 @@ class JobState(StrEnum):
 
 
 UNFINISHED = (JobState.QUEUED, JobState.PROCESSING)
+COUNT_UNFINISHED = "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)"
 
 
 @dataclass
@@ -159,7 +160,7 @@ class JobStore:
         now = time.time()
         job_id = job_id or new_job_id()
         with self._tx() as db:
-            (depth,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", UNFINISHED).fetchone()
+            (depth,) = db.execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
             if depth >= max_queue:
                 raise QueueFull(depth)
             db.execute(
@@ -169,6 +170,10 @@ class JobStore:
                  now + job_timeout, now + retention),
             )
         return self.get(job_id)
+
+    def unfinished(self) -> int:
+        (depth,) = self._connection().execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
+        return depth
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention."""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +23,8 @@ from pipeline.registry import TASKS, TaskSpec
 from server.gateway import ApiError, Gateway
 from server.jobs import Job, JobState
 
+log = logging.getLogger(__name__)
+
 MISSING_KEY = "Missing Authorization or x-api-key in header"
 
 
@@ -30,7 +33,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 class SegmindRoute(APIRoute):
-    """Renders ApiError as Segmind's `{"error": ...}` body."""
+    """Renders errors as Segmind's `{"error": ...}` body; an unexpected one is logged, never leaked."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -40,6 +43,9 @@ class SegmindRoute(APIRoute):
                 return await handler(request)
             except ApiError as error:
                 return error_response(error)
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return error_response(ApiError(500, "Internal server error"))
 
         return route
 

@@ -20,6 +20,8 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights directory holding `sam3/`: the tiny random checkpoint, written the way the Hub has it."""
     from models.sam3.random_checkpoint import write_random_checkpoint
 
+    if not BPE_VOCAB.is_file():
+        pytest.fail(f"{BPE_VOCAB} is missing: the tests expect the repository checked out beside shared/")
     root = tmp_path_factory.mktemp("weights")
     write_random_checkpoint(root / "sam3", BPE_VOCAB, size="tiny", seed=0)
     return root

@@ -10,7 +10,7 @@ from segmind import SegmindClient
 from segmind.exceptions import SegmindError
 
 from tests.conftest import noise_image, png_b64
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 IMAGE = png_b64(noise_image(240, 320))
 SLOW = {"image": IMAGE, "points_per_side": 64}  # about two seconds on the tiny model
@@ -19,7 +19,11 @@ SLOW = {"image": IMAGE, "points_per_side": 64}  # about two seconds on the tiny 
 @pytest.fixture(scope="module")
 def server(weights_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("limits") / "data"
-    proc = ServerProcess(weights_dir, data, "--max-queue", "2", "--max-batch-size", "1", "--retention", "8").start()
+    port = free_port()
+    public = ("--public-url", f"http://localhost:{port}")  # as behind a proxy: URLs use the configured base
+    proc = ServerProcess(
+        weights_dir, data, "--max-queue", "2", "--max-batch-size", "1", "--retention", "8", *public, port=port
+    ).start()
     yield proc
     proc.terminate()
 
@@ -45,6 +49,8 @@ def test_jobs_and_files_expire_after_retention(server):
     client = SegmindClient(base_url=f"{server.url}/v1")
     job = client.submit_async("sam3-image", image=IMAGE, points_input="[[5, 5]]")
     result = job.wait(interval=0.05)
+    assert job.status_url.startswith(f"http://localhost:{server.port}/v2/requests/")
+    assert result["output"].startswith(f"http://localhost:{server.port}/files/")
     files = server.data_dir / "files" / result["output"].split("/")[-2]
     assert (files / "preview.png").is_file() and httpx.get(result["output"]).status_code == 200
     deadline = time.monotonic() + 30

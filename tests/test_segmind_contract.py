@@ -214,6 +214,8 @@ def test_malformed_bodies(server):
     assert huge.status_code == 413 and "error" in huge.json()
     unknown = httpx.post(f"{server.url}/v2/sam4-image", json={"image": IMAGE}, headers=headers)
     assert unknown.status_code == 404 and "sam4-image" in unknown.json()["error"]
+    assert httpx.get(f"{server.url}/v3/nothing/here", headers=headers).json() == {"error": "Not Found"}
+    assert httpx.delete(f"{server.url}/v2/sam3-image", headers=headers).status_code == 405
 
 
 def test_openapi_documents_each_parameter(server):

@@ -75,22 +75,27 @@ def _vision(
     }
 
 
+def _text(hidden: int, layers: int, heads: int) -> dict:
+    """A CLIP text encoder with the real vocabulary and 32-token context."""
+    return {
+        "model_type": "clip_text_model",
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "projection_dim": hidden,
+        "vocab_size": 49408,
+        "max_position_embeddings": 32,
+    }
+
+
 def tiny_config() -> Sam3VideoConfig:
     """About 2M parameters at 224 px: the real code path at test speed."""
     vision = _vision(224, hidden=64, layers=2, heads=2, window=8, global_layers=[1], fpn=32)
     small = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
     detector = {
         "vision_config": vision,
-        "text_config": {
-            "model_type": "clip_text_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "projection_dim": 32,
-            "vocab_size": 49408,
-            "max_position_embeddings": 32,
-        },
+        "text_config": _text(32, layers=2, heads=2),
         "geometry_encoder_config": {**small, "num_layers": 1},
         "detr_encoder_config": {**small, "num_layers": 1},
         "detr_decoder_config": {**small, "num_layers": 1, "num_queries": 20},
@@ -123,16 +128,7 @@ def mid_config() -> Sam3VideoConfig:
     heads = {"hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 512}
     detector = {
         "vision_config": vision,
-        "text_config": {
-            "model_type": "clip_text_model",
-            "hidden_size": 256,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 4,
-            "projection_dim": 256,
-            "vocab_size": 49408,
-            "max_position_embeddings": 32,
-        },
+        "text_config": _text(256, layers=24, heads=4),
         "geometry_encoder_config": heads,
         "detr_encoder_config": heads,
         "detr_decoder_config": heads,
