@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.registry import TASKS
 from server import config as config_module
 from server.weights import MANIFEST, DownloadError, download, verify
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = commands.add_parser("weights", help="download or verify model weights")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True)
     get = weight_commands.add_parser("download", help="snapshot weight sets from the Hugging Face Hub (uses HF_TOKEN)")
-    get.add_argument("sets", nargs="*", metavar="SET", help=f"any of {', '.join(MANIFEST)} (default: all)")
+    get.add_argument(
+        "sets", nargs="*", metavar="NAME", help=f"weight sets ({', '.join(MANIFEST)}) or models ({', '.join(TASKS)}); default: all"
+    )
     check = weight_commands.add_parser("verify", help="load every present weight set; non-zero exit on any key mismatch")
     for sub in (get, check):
         sub.add_argument("--weights-dir", default=None, help="weights directory [env SAM3_SERVE_WEIGHTS_DIR]")
@@ -43,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
     weights_dir = _weights_dir(args)
     if args.weights_command == "download":
-        unknown = [name for name in args.sets if name not in MANIFEST]
+        unknown = [name for name in args.sets if name not in MANIFEST and name not in TASKS]
         if unknown:
-            parser.error(f"unknown weight set(s) {', '.join(unknown)}; known: {', '.join(MANIFEST)}")
+            parser.error(f"unknown name(s) {', '.join(unknown)}; known: {', '.join([*MANIFEST, *TASKS])}")
+        sets = [ws for name in args.sets for ws in (TASKS[name].weights if name in TASKS else [name])]
         status = 0
-        for name in args.sets or list(MANIFEST):
+        for name in dict.fromkeys(sets or MANIFEST):
             entry = MANIFEST[name]
             print(f"{name}: downloading {entry.repo} ({entry.size}) into {weights_dir / name}", flush=True)
             try:

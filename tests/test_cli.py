@@ -55,8 +55,9 @@ def test_verify_reports_incomplete_and_absent_sets(weights_dir, tmp_path):
 def test_download_explains_an_unreachable_hub(tmp_path):
     done = cli("weights", "download", "sam3", "--weights-dir", str(tmp_path), HF_ENDPOINT="http://127.0.0.1:9")
     assert done.returncode == 1 and "Hugging Face Hub is unreachable" in done.stderr
-    offline = cli("weights", "download", "--weights-dir", str(tmp_path), HF_HUB_OFFLINE="1")
-    assert offline.returncode == 1 and "unreachable" in offline.stderr
+    offline = cli("weights", "download", "sam3-image", "--weights-dir", str(tmp_path), HF_HUB_OFFLINE="1")
+    assert offline.returncode == 1 and "sam3: could not download facebook/sam3" in offline.stderr
+    assert cli("weights", "download", "sam9", "--weights-dir", str(tmp_path)).returncode == 2
 
 
 class _GatedHub(BaseHTTPRequestHandler):
