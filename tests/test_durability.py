@@ -77,6 +77,16 @@ def test_sigterm_drains_running_jobs_and_keeps_queued_ones_for_the_next_start(we
         restarted.terminate()
 
 
+def test_ctrl_c_to_the_whole_process_group_drains_too(weights_dir, data_dir):
+    server = start(weights_dir, data_dir)
+    running = submit(server, SLOW)
+    server.wait_for_state(running, {"PROCESSING"})
+    os.killpg(server.process.pid, signal.SIGINT)  # what a terminal sends on Ctrl+C
+    assert server.process.wait(timeout=90) == 0
+    server.terminate()
+    assert server.job_row(running)["state"] == "COMPLETED"
+
+
 def test_worker_crash_fails_its_job_and_the_server_keeps_serving(weights_dir, data_dir):
     server = start(weights_dir, data_dir, "--job-timeout", "30")
     try:
