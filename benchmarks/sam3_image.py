@@ -41,7 +41,10 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     return f"CPU: {model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -115,7 +118,9 @@ def latency_vs_in_process(weights: Path, work: Path, repeats: int) -> dict:
 def throughput(weights: Path, work: Path, requests: int, max_batch_size: int) -> dict:
     """(b): images/s with 8 clients at once; returns the run's rate and the workers' peak RSS."""
     bodies = [{"image": b64(p), "text_prompt": "a cat"} for p in images(requests, seed=2)]
-    server = start(weights, work / f"b{max_batch_size}", "--max-batch-size", str(max_batch_size), "--embedding-cache-size", "0")
+    server = start(
+        weights, work / f"b{max_batch_size}", "--max-batch-size", str(max_batch_size), "--embedding-cache-size", "0"
+    )
     try:
         v1(server, bodies[0])  # warm-up
         begin = time.perf_counter()
@@ -145,17 +150,20 @@ def second_prompt(weights: Path, work: Path, repeats: int) -> dict:
 
 def markdown(results: dict) -> str:
     a, b, c = results["a_latency"], results["b_throughput"], results["c_second_prompt"]
+    batched, unbatched = b["batched"], b["unbatched"]
     rows = [
         f"Device: {results['device']}  ",
         f"Checkpoint: {results['checkpoint']}",
         "",
         "| Measure | Value | Ratio | Target |",
         "| --- | --- | --- | --- |",
-        f"| (a) v1 sync latency, server / in-process (batch 1) | {a['server_s']} s / {a['in_process_s']} s | {a['ratio']} | <= 1.10 |",
-        f"| (b) images/s at concurrency 8, dynamic batching (max {b['batched']['max_batch_size']}) / max_batch_size=1 "
-        f"| {b['batched']['images_per_s']} / {b['unbatched']['images_per_s']} | {b['ratio']} | >= 1.3 |",
-        f"| (c) second prompt on an image / first prompt | {c['second_s']} s / {c['first_s']} s | {c['ratio']} | <= 0.2 |",
-        f"| (d) peak RSS per worker (batched run) | {b['batched']['worker_peak_rss_gib']} GiB | | |",
+        f"| (a) v1 sync latency, server / in-process (batch 1) "
+        f"| {a['server_s']} s / {a['in_process_s']} s | {a['ratio']} | <= 1.10 |",
+        f"| (b) images/s at concurrency 8, dynamic batching (max {batched['max_batch_size']}) / max_batch_size=1 "
+        f"| {batched['images_per_s']} / {unbatched['images_per_s']} | {b['ratio']} | >= 1.3 |",
+        f"| (c) second prompt on an image / first prompt "
+        f"| {c['second_s']} s / {c['first_s']} s | {c['ratio']} | <= 0.2 |",
+        f"| (d) peak RSS per worker (batched run) | {batched['worker_peak_rss_gib']} GiB | | |",
     ]
     return "\n".join(rows) + "\n"
 
@@ -171,7 +179,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sam3-bench-") as tmp:
         work = Path(tmp)
         weights = args.weights_dir
-        checkpoint = f"real weights in {weights}" if weights else "random `mid` config (quarter width, full depth, 1008 px)"
+        checkpoint = (
+            f"real weights in {weights}" if weights else "random `mid` config (quarter width, full depth, 1008 px)"
+        )
         if weights is None:
             from models.sam3.random_checkpoint import write_random_checkpoint
 

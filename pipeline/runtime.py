@@ -28,7 +28,6 @@ class Runtime:
         embedding_cache_size: int,
         max_batch_size: int,
     ) -> None:
-        self.device = device
         self.sam3: Sam3Predictor | None = None
         if "sam3" in weight_sets:
             models = load_sam3(weights_dir / "sam3", device=device, dtype=dtype)

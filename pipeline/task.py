@@ -12,10 +12,6 @@ from pydantic import BaseModel
 SaveFile = Callable[[str, bytes, str], None]
 
 
-class TaskError(Exception):
-    """A failure caused by the request itself (e.g. nothing matched); its message goes to the client."""
-
-
 @dataclass
 class TaskInput:
     image: np.ndarray  # HxWx3 uint8 RGB

@@ -68,12 +68,15 @@ class Sam3Server(ls.LitServer):
             ModelWorker(config, weight_sets, self.draining),
             accelerator=accelerator,
             workers_per_device=config.workers_per_device,
-            timeout=False,  # LitServe's queue timeout answers 504 and leaves the work running; the watchdog owns deadlines
+            # LitServe's queue timeout answers 504 and leaves the work running: the watchdog owns deadlines.
+            timeout=False,
             restart_workers=True,
         )
         keys = ApiKeys(config.api_keys())
         self.gateway = Gateway(config, self.store, self.artifacts, keys, self.draining, server=self)
-        self.app.router.routes[:] = [r for r in self.app.router.routes if getattr(r, "path", None) not in LITSERVE_ROUTES]
+        self.app.router.routes[:] = [
+            r for r in self.app.router.routes if getattr(r, "path", None) not in LITSERVE_ROUTES
+        ]
         # Gzip would re-encode PNG/GLB files for nothing and hide their Content-Length.
         self.app.user_middleware[:] = [m for m in self.app.user_middleware if m.cls is not GZipMiddleware]
         self.app.title = "sam3-serve"
@@ -90,7 +93,9 @@ class Sam3Server(ls.LitServer):
         requeued, failed = self.store.recover()
         queued = self.store.queued_ids()
         if requeued or failed or queued:
-            log.info("recovered jobs: %d re-queued, %d failed, %d queued in all", len(requeued), len(failed), len(queued))
+            log.info(
+                "recovered jobs: %d re-queued, %d failed, %d queued in all", len(requeued), len(failed), len(queued)
+            )
         for job_id in queued:
             self.gateway.dispatch(job_id, consumer_id=0)
 
@@ -159,7 +164,9 @@ def common_router(gateway: Gateway) -> APIRouter:
 
     key = [Depends(segmind.require_key(gateway))]
 
-    @router.get("/models", tags=["server"], summary="Served models and whether their weights are present", dependencies=key)
+    @router.get(
+        "/models", tags=["server"], summary="Served models and whether their weights are present", dependencies=key
+    )
     async def models() -> JSONResponse:
         return JSONResponse({"models": gateway.models()})
 

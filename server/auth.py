@@ -36,5 +36,7 @@ def warn_if_exposed(host: str, loopback: bool, keys: ApiKeys) -> None:
         log.warning(
             "\n%s\n!! Listening on %s with NO API KEY: anyone who can reach this port can run jobs\n"
             "!! and read every result. Set --api-key / SAM3_SERVE_API_KEY, or bind 127.0.0.1.\n%s",
-            banner, host, banner,
+            banner,
+            host,
+            banner,
         )

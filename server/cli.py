@@ -1,8 +1,8 @@
 """`sam3-serve`: serve, and manage weights.
 
-    sam3-serve serve [--host ...] [--port ...]      start the server
-    sam3-serve weights download [SET ...]           fetch weight sets from the Hugging Face Hub
-    sam3-serve weights verify                       load each present set, report key mismatches
+sam3-serve serve [--host ...] [--port ...]      start the server
+sam3-serve weights download [SET ...]           fetch weight sets from the Hugging Face Hub
+sam3-serve weights verify                       load each present set, report key mismatches
 """
 
 from __future__ import annotations
@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     weight_commands = weights.add_subparsers(dest="weights_command", required=True)
     get = weight_commands.add_parser("download", help="snapshot weight sets from the Hugging Face Hub (uses HF_TOKEN)")
     get.add_argument(
-        "sets", nargs="*", metavar="NAME", help=f"weight sets ({', '.join(MANIFEST)}) or models ({', '.join(TASKS)}); default: all"
+        "sets",
+        nargs="*",
+        metavar="NAME",
+        help=f"weight sets ({', '.join(MANIFEST)}) or models ({', '.join(TASKS)}); default: all",
     )
-    check = weight_commands.add_parser("verify", help="load every present weight set; non-zero exit on any key mismatch")
+    check = weight_commands.add_parser(
+        "verify", help="load every present weight set; non-zero exit on any key mismatch"
+    )
     for sub in (get, check):
         sub.add_argument("--weights-dir", default=None, help="weights directory [env SAM3_SERVE_WEIGHTS_DIR]")
 

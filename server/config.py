@@ -18,7 +18,9 @@ LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field("127.0.0.1", description="Address to bind (LitServe binds only these).")
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field(
+        "127.0.0.1", description="Address to bind (LitServe binds only these)."
+    )
     port: int = Field(8000, ge=1024, le=65535, description="Port to listen on.")
     weights_dir: Path = Field(Path("weights"), description="Directory of weight sets (see weights/README.md).")
     data_dir: Path = Field(Path("data"), description="Job database, inputs and output files.")

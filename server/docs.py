@@ -1,7 +1,7 @@
 """README tables generated from the schemas, so the docs cannot drift.
 
-    python -m server.docs            rewrite the generated blocks of README.md
-    python -m server.docs --check    exit non-zero when README.md is out of date
+python -m server.docs            rewrite the generated blocks of README.md
+python -m server.docs --check    exit non-zero when README.md is out of date
 """
 
 from __future__ import annotations

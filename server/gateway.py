@@ -50,9 +50,7 @@ def describe_validation_error(error: ValidationError) -> str:
 
 def missing_weights(weights_dir: Path) -> dict[str, list[str]]:
     """Per model: the weight files it still needs (empty when it can be served)."""
-    return {
-        name: [f for ws in spec.weights for f in MANIFEST[ws].missing(weights_dir)] for name, spec in TASKS.items()
-    }
+    return {name: [f for ws in spec.weights for f in MANIFEST[ws].missing(weights_dir)] for name, spec in TASKS.items()}
 
 
 class Gateway:
@@ -126,7 +124,9 @@ class Gateway:
         except ValidationError as exc:
             raise ApiError(400, describe_validation_error(exc)) from None
 
-    async def submit(self, model: str, image: object, params: dict, consumer_id: int, wait: bool) -> tuple[Job, asyncio.Event | None]:
+    async def submit(
+        self, model: str, image: object, params: dict, consumer_id: int, wait: bool
+    ) -> tuple[Job, asyncio.Event | None]:
         """Validate, decode, persist as QUEUED, and enqueue; `wait` also registers for the worker's answer."""
         spec = self.task(model)
         if self.draining.is_set():
@@ -152,8 +152,15 @@ class Gateway:
         payload = {"params": validated.model_dump(mode="json"), "image_key": key}
         try:
             job = await asyncio.to_thread(
-                self.store.submit, model, payload, str(input_path), new_token(), self.config.job_timeout,
-                self.config.retention, self.config.max_queue, job_id,
+                self.store.submit,
+                model,
+                payload,
+                str(input_path),
+                new_token(),
+                self.config.job_timeout,
+                self.config.retention,
+                self.config.max_queue,
+                job_id,
             )
         except QueueFull as full:
             input_path.unlink(missing_ok=True)
@@ -168,7 +175,9 @@ class Gateway:
     def _queue_full(self, depth: int) -> ApiError:
         per_job = self.store.recent_inference_time() or 1.0
         retry_after = max(1, min(300, math.ceil(per_job * depth / self.config.max_batch_size)))
-        return ApiError(429, f"Too many jobs ({depth} waiting or running); retry later", {"Retry-After": str(retry_after)})
+        return ApiError(
+            429, f"Too many jobs ({depth} waiting or running); retry later", {"Retry-After": str(retry_after)}
+        )
 
     def dispatch(self, job_id: str, consumer_id: int, wait: bool = False) -> asyncio.Event | None:
         """Hand a job to the workers through LitServe's queue; answers for unregistered ids are dropped."""
@@ -195,7 +204,8 @@ class Gateway:
                     return job
                 if event.is_set():  # answered without starting it: the server is draining
                     raise ApiError(
-                        503, f"Server is shutting down; request {job_id} stays queued and runs after the restart",
+                        503,
+                        f"Server is shutting down; request {job_id} stays queued and runs after the restart",
                         {"Retry-After": "10"},
                     )
         finally:

@@ -164,10 +164,19 @@ class JobStore:
             if depth >= max_queue:
                 raise QueueFull(depth)
             db.execute(
-                "INSERT INTO jobs (id, model, state, payload, input_path, files_token, created_at, deadline, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, model, JobState.QUEUED, json.dumps(payload), input_path, files_token, now,
-                 now + job_timeout, now + retention),
+                "INSERT INTO jobs (id, model, state, payload, input_path, files_token, created_at, deadline,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    model,
+                    JobState.QUEUED,
+                    json.dumps(payload),
+                    input_path,
+                    files_token,
+                    now,
+                    now + job_timeout,
+                    now + retention,
+                ),
             )
         return self.get(job_id)
 
@@ -177,9 +186,11 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention."""
-        row = self._connection().execute(
-            "SELECT * FROM jobs WHERE id = ? AND expires_at > ?", (job_id, time.time())
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT * FROM jobs WHERE id = ? AND expires_at > ?", (job_id, time.time()))
+            .fetchone()
+        )
         return Job._from_row(row) if row else None
 
     def start(self, job_ids: list[str], worker_pid: int) -> list[Job]:
@@ -243,7 +254,9 @@ class JobStore:
     def fail_orphans(self, worker_alive: Callable[[int], bool]) -> list[Job]:
         """PROCESSING jobs whose worker process is gone FAIL (the worker crashed mid-job)."""
         with self._tx() as db:
-            pids = [r[0] for r in db.execute("SELECT DISTINCT worker_pid FROM jobs WHERE state = ?", (JobState.PROCESSING,))]
+            pids = [
+                r[0] for r in db.execute("SELECT DISTINCT worker_pid FROM jobs WHERE state = ?", (JobState.PROCESSING,))
+            ]
         dead = [pid for pid in pids if pid is not None and not worker_alive(pid)]
         if not dead:
             return []
@@ -268,15 +281,17 @@ class JobStore:
             for job_id in failed:
                 db.execute(
                     "UPDATE jobs SET state = ?, finished_at = ?, error = ?, worker_pid = NULL WHERE id = ?",
-                    (JobState.FAILED, time.time(),
-                     f"Job interrupted by {MAX_ATTEMPTS} server restarts while running; not retried again", job_id),
+                    (
+                        JobState.FAILED,
+                        time.time(),
+                        f"Job interrupted by {MAX_ATTEMPTS} server restarts while running; not retried again",
+                        job_id,
+                    ),
                 )
         return requeued, failed
 
     def queued_ids(self) -> list[str]:
-        rows = self._connection().execute(
-            "SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (JobState.QUEUED,)
-        )
+        rows = self._connection().execute("SELECT id FROM jobs WHERE state = ? ORDER BY created_at", (JobState.QUEUED,))
         return [r[0] for r in rows.fetchall()]
 
     def expire(self) -> list[Job]:
@@ -297,9 +312,13 @@ class JobStore:
 
     def recent_inference_time(self, limit: int = 20) -> float | None:
         """Mean running time of the last finished jobs, for Retry-After estimates."""
-        (mean,) = self._connection().execute(
-            "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
-            " WHERE state = ? ORDER BY finished_at DESC LIMIT ?)",
-            (JobState.COMPLETED, limit),
-        ).fetchone()
+        (mean,) = (
+            self._connection()
+            .execute(
+                "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
+                " WHERE state = ? ORDER BY finished_at DESC LIMIT ?)",
+                (JobState.COMPLETED, limit),
+            )
+            .fetchone()
+        )
         return mean

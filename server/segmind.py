@@ -73,7 +73,9 @@ def require_key(gateway: Gateway) -> Callable:
 def request_schema(spec: TaskSpec) -> dict:
     """OpenAPI body of a model: its parameter schema plus the `image` field."""
     image = Field(description="Input image: http(s) URL, raw base64, or a data: URI.")
-    model = create_model(f"{spec.params.__name__.removesuffix('Params')}Request", __base__=spec.params, image=(str, image))
+    model = create_model(
+        f"{spec.params.__name__.removesuffix('Params')}Request", __base__=spec.params, image=(str, image)
+    )
     return model.model_json_schema()
 
 
@@ -135,12 +137,22 @@ def build_router(gateway: Gateway) -> APIRouter:
             return FileResponse(path, media_type=content_type, headers=headers)
 
         router.add_api_route(
-            f"/v2/{spec.name}", submit_async, methods=["POST"], summary=f"Submit a {spec.name} job",
-            description=spec.summary, openapi_extra=body, tags=["segmind"],
+            f"/v2/{spec.name}",
+            submit_async,
+            methods=["POST"],
+            summary=f"Submit a {spec.name} job",
+            description=spec.summary,
+            openapi_extra=body,
+            tags=["segmind"],
         )
         router.add_api_route(
-            f"/v1/{spec.name}", submit_sync, methods=["POST"], summary=f"Run {spec.name} and wait for its output",
-            description=spec.summary, openapi_extra=body, tags=["segmind"],
+            f"/v1/{spec.name}",
+            submit_sync,
+            methods=["POST"],
+            summary=f"Run {spec.name} and wait for its output",
+            description=spec.summary,
+            openapi_extra=body,
+            tags=["segmind"],
         )
 
     for spec in TASKS.values():

@@ -23,7 +23,7 @@ import litserve as ls
 import numpy as np
 
 from pipeline.registry import TASKS
-from pipeline.task import TaskError, TaskInput, TaskOutput
+from pipeline.task import TaskInput, TaskOutput
 from server.artifacts import ArtifactStore
 from server.config import ServeConfig
 from server.jobs import Job, JobStore
@@ -53,7 +53,9 @@ class ModelWorker(ls.LitAPI):
 
         # Ctrl+C reaches the whole process group: the main process drains, workers finish their batch.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        logging.basicConfig(level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         self.store = JobStore(self.config.jobs_db)
         self.artifacts = ArtifactStore(self.config.data_dir / "files")
         dtype = getattr(torch, resolve_dtype(self.config.dtype, device))
@@ -119,11 +121,8 @@ class ModelWorker(ls.LitAPI):
                     self._run_batch(model, [job])
                 return
             job = ready[0][0]
-            if isinstance(exc, TaskError):
-                self._finish(job, error=str(exc))
-            else:
-                log.exception("job %s failed", job.id)
-                self._finish(job, error=f"Internal error while running {model}: {type(exc).__name__}: {exc}")
+            log.exception("job %s failed", job.id)
+            self._finish(job, error=f"Error while running {model}: {type(exc).__name__}: {exc}")
             return
         for (job, _), output in zip(ready, outputs):
             self._finish(job, output=output, files=saved[job.id], batch_size=len(ready))

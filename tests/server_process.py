@@ -38,15 +38,28 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "server", "serve", "--device", "cpu", "--port", str(self.port),
-            "--weights-dir", str(self.weights_dir), "--data-dir", str(self.data_dir), *self.args,
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            "--weights-dir",
+            str(self.weights_dir),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         self._log = open(self.log_path, "wb")
         # Own session: the whole process tree can be killed at once, as a crash would.
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -45,7 +45,10 @@ def test_verify_names_missing_and_unexpected_keys(weights_dir, tmp_path):
 
 
 def test_verify_reports_incomplete_and_absent_sets(weights_dir, tmp_path):
-    assert "not present (get it: sam3-serve weights download sam3)" in cli("weights", "verify", "--weights-dir", str(tmp_path)).stdout
+    assert (
+        "not present (get it: sam3-serve weights download sam3)"
+        in cli("weights", "verify", "--weights-dir", str(tmp_path)).stdout
+    )
     (tmp_path / "sam3").mkdir()
     shutil.copy(weights_dir / "sam3" / "config.json", tmp_path / "sam3")
     done = cli("weights", "verify", "--weights-dir", str(tmp_path))
@@ -84,8 +87,13 @@ def test_download_explains_a_gated_refusal(tmp_path):
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
         done = cli(
-            "weights", "download", "sam3", "--weights-dir", str(tmp_path),
-            HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}", HF_TOKEN="hf_not_granted",
+            "weights",
+            "download",
+            "sam3",
+            "--weights-dir",
+            str(tmp_path),
+            HF_ENDPOINT=f"http://127.0.0.1:{hub.server_address[1]}",
+            HF_TOKEN="hf_not_granted",
         )
     finally:
         hub.shutdown()

@@ -119,7 +119,9 @@ def test_urls_are_fetched_when_private_addresses_are_allowed(http_server):
         load(f"{http_server}/big.png", LOCAL)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://10.1.2.3/x.png", "http://169.254.169.254/latest", "http://[::1]/x"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/x.png", "http://10.1.2.3/x.png", "http://169.254.169.254/latest", "http://[::1]/x"]
+)
 def test_loopback_private_and_link_local_urls_are_refused_by_default(url):
     with pytest.raises(ImageInputError, match="loopback, private or link-local"):
         load(url)

@@ -11,7 +11,9 @@ from server.jobs import MAX_ATTEMPTS, JobState, JobStore, QueueFull
 
 
 def make(store: JobStore, timeout: float = 60, retention: float = 3600, max_queue: int = 100) -> str:
-    return store.submit("sam3-image", {"params": {}, "image_key": "k"}, None, "t" * 32, timeout, retention, max_queue).id
+    return store.submit(
+        "sam3-image", {"params": {}, "image_key": "k"}, None, "t" * 32, timeout, retention, max_queue
+    ).id
 
 
 @pytest.fixture

@@ -57,10 +57,22 @@ def _edited_copy(weights_dir, tmp_path, edit) -> str:
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda s: s.pop("tracker_model.mask_decoder.iou_token.weight"), "missing key(s): tracker_model.mask_decoder.iou_token.weight"),
-        (lambda s: s.pop("detector_model.text_projection.weight"), "missing key(s): detector_model.text_projection.weight"),
-        (lambda s: s.update({"tracker_neck.extra.weight": torch.zeros(1)}), "unexpected key(s): tracker_neck.extra.weight"),
-        (lambda s: s.update({"tracker_model.no_memory_embedding": torch.zeros(1, 1, 7)}), "mismatched key(s): tracker_model.no_memory_embedding"),
+        (
+            lambda s: s.pop("tracker_model.mask_decoder.iou_token.weight"),
+            "missing key(s): tracker_model.mask_decoder.iou_token.weight",
+        ),
+        (
+            lambda s: s.pop("detector_model.text_projection.weight"),
+            "missing key(s): detector_model.text_projection.weight",
+        ),
+        (
+            lambda s: s.update({"tracker_neck.extra.weight": torch.zeros(1)}),
+            "unexpected key(s): tracker_neck.extra.weight",
+        ),
+        (
+            lambda s: s.update({"tracker_model.no_memory_embedding": torch.zeros(1, 1, 7)}),
+            "mismatched key(s): tracker_model.no_memory_embedding",
+        ),
     ],
 )
 def test_key_mismatches_are_reported(weights_dir, tmp_path, edit, expected):
@@ -113,7 +125,9 @@ def test_object_prompts_equal_the_official_tracker_semantics(weights_dir, tmp_pa
     predictor = Sam3Predictor(load_sam3(path))
     [embedding] = predictor.embed([("img", IMAGE)])
     features = predictor.tracker_features(embedding)
-    ours = predictor.segment(embedding, [ObjectPrompt(points=[(500.0, 100.0)], labels=[1]), ObjectPrompt(box=(20, 30, 400, 300))])
+    ours = predictor.segment(
+        embedding, [ObjectPrompt(points=[(500.0, 100.0)], labels=[1]), ObjectPrompt(box=(20, 30, 400, 300))]
+    )
 
     click = processor(images=IMAGE, input_points=[[[[500.0, 100.0]]]], input_labels=[[[1]]], return_tensors="pt")
     box = processor(images=IMAGE, input_boxes=[[[20, 30, 400, 300]]], return_tensors="pt")
@@ -180,5 +194,7 @@ def test_automatic_masks_are_bounded_and_redecoded_exactly(predictor):
     assert masks.scores.tolist() == sorted(masks.scores.tolist(), reverse=True)
     features = predictor.tracker_features(embedding)
     points = torch.from_numpy(clicks[:1]).float()[:, None]
-    logits, iou = predictor.decode(features, embedding.image_size, points, torch.ones(1, 1, dtype=torch.int64), None, True)
+    logits, iou = predictor.decode(
+        features, embedding.image_size, points, torch.ones(1, 1, dtype=torch.int64), None, True
+    )
     assert any(torch.allclose(logits[0, k], masks.maps[0], atol=1e-4) for k in range(3))

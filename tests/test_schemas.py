@@ -23,7 +23,9 @@ def test_defaults_match_segmind():
 
 
 def test_string_encoded_and_plain_lists_are_the_same():
-    a = Sam3ImageParams(points_input="[[300, 400], [10, 20]]", point_labels_input="[[1, 0]]", boxes_input="[[1, 2, 30, 40]]")
+    a = Sam3ImageParams(
+        points_input="[[300, 400], [10, 20]]", point_labels_input="[[1, 0]]", boxes_input="[[1, 2, 30, 40]]"
+    )
     b = Sam3ImageParams(points_input=[[300, 400], [10, 20]], point_labels_input=[1, 0], boxes_input=[1, 2, 30, 40])
     assert a == b and a.points_input == [[300, 400], [10, 20]] and a.boxes_input == [[1, 2, 30, 40]]
     assert Sam3ImageParams(points_input="[5, 6]").points_input == [[5, 6]]

@@ -135,8 +135,11 @@ def test_prompt_kinds_and_box_modes(client):
     exemplar = client.run("sam3-image", image=IMAGE, boxes_input=boxes, box_prompt_mode="exemplar", threshold=0.1)
     assert exemplar["num_masks"] > 0 and set(exemplar["sources"]) == {"boxes_input"}
     refined = client.run(
-        "sam3-image", image=IMAGE, boxes_input="[[10, 10, 300, 200]]",
-        points_input="[[50, 50], [250, 150]]", point_labels_input="[[1, 0]]",
+        "sam3-image",
+        image=IMAGE,
+        boxes_input="[[10, 10, 300, 200]]",
+        points_input="[[50, 50], [250, 150]]",
+        point_labels_input="[[1, 0]]",
     )
     assert refined["sources"] == ["points_input+boxes_input[0]"]
     both = client.run("sam3-image", image=IMAGE, text_prompt="car", threshold=0.1, points_input="[[5, 5]]", max_masks=3)

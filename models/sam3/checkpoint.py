@@ -9,7 +9,6 @@ built on the meta device, given the detector's ViT, and loaded from its own keys
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,6 @@ import torch
 from safetensors import safe_open
 from transformers import Sam3Model, Sam3Processor, Sam3TrackerModel, Sam3VideoConfig
 from transformers.utils import logging as hf_logging
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 DETECTOR_PREFIX = "detector_model."
@@ -75,17 +72,13 @@ def _tracker_checkpoint_key(name: str) -> str | None:
     return TRACKER_PREFIX + name
 
 
-def _load_tracker(
-    config: Sam3VideoConfig, detector: Sam3Model, weights: Path, report: KeyReport
-) -> Sam3TrackerModel:
+def _load_tracker(config: Sam3VideoConfig, detector: Sam3Model, weights: Path, report: KeyReport) -> Sam3TrackerModel:
     with torch.device("meta"):
         tracker = Sam3TrackerModel(config.tracker_config)
     tracker.vision_encoder.backbone = detector.vision_encoder.backbone
 
     wanted = {
-        ckpt_key: name
-        for name in tracker.state_dict()
-        if (ckpt_key := _tracker_checkpoint_key(name)) is not None
+        ckpt_key: name for name in tracker.state_dict() if (ckpt_key := _tracker_checkpoint_key(name)) is not None
     }
     expected_shapes = {name: t.shape for name, t in tracker.state_dict().items()}
     state = {}
