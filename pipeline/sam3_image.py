@@ -18,18 +18,22 @@ from models.sam3.predictor import ImageEmbedding, MaskPrediction, ObjectPrompt, 
 from pipeline.render import MaskCanvas, mask_png
 from pipeline.schemas import Sam3ImageParams
 from pipeline.task import TaskInput, TaskOutput
+from pipeline.timing import StageTimer
 
 # Full-size float maps resized per chunk: about 128 MB at a time, whatever the image size.
 RENDER_BUDGET_BYTES = 128 * 2**20
 
 
-def _predict(predictor: Sam3Predictor, embedding: ImageEmbedding, p: Sam3ImageParams) -> tuple[MaskPrediction, list]:
+def _predict(
+    predictor: Sam3Predictor, embedding: ImageEmbedding, p: Sam3ImageParams, stages: StageTimer
+) -> tuple[MaskPrediction, list]:
     """Every mask the prompts ask for, with the prompt that produced each."""
     parts: list[MaskPrediction] = []
     sources: list[str] = []
     exemplars = p.boxes_input if p.box_prompt_mode == "exemplar" else None
     if p.text_prompt or exemplars:
-        found = predictor.detect(embedding, p.text_prompt, exemplars or (), p.threshold)
+        with stages("detect"):
+            found = predictor.detect(embedding, p.text_prompt, exemplars or (), p.threshold)
         parts.append(found)
         sources += ["text_prompt" if p.text_prompt else "boxes_input"] * len(found)
 
@@ -46,11 +50,13 @@ def _predict(predictor: Sam3Predictor, embedding: ImageEmbedding, p: Sam3ImagePa
             objects.append(ObjectPrompt(p.points_input, p.point_labels))
             sources.append("points_input")
     if objects:
-        parts.append(predictor.segment(embedding, objects))
+        with stages("mask"):
+            parts.append(predictor.segment(embedding, objects))
 
     if not (p.text_prompt or p.points_input or p.boxes_input):
         config = AutomaticMaskConfig(p.points_per_side, p.pred_iou_thresh, p.stability_score_thresh, p.max_masks)
-        found, _ = generate_masks(predictor, embedding, config)
+        with stages("mask"):
+            found, _ = generate_masks(predictor, embedding, config)
         parts.append(found)
         sources += ["auto"] * len(found)
 
@@ -108,8 +114,12 @@ def run(predictor: Sam3Predictor, items: list[TaskInput]) -> list[TaskOutput]:
     embeddings = predictor.embed([(item.image_key, item.image) for item in items])
     outputs = []
     for item, embedding in zip(items, embeddings):
-        masks, sources = _predict(predictor, embedding, item.params)
-        output = _render(item, masks, sources)
-        output.metrics["embedding_cache_hit"] = embedding.cached
+        stages = StageTimer()
+        if not embedding.cached:
+            stages.add("embed", embedding.seconds)
+        masks, sources = _predict(predictor, embedding, item.params, stages)
+        with stages("encode"):
+            output = _render(item, masks, sources)
+        output.metrics.update(embedding_cache_hit=embedding.cached, stages=stages.rounded())
         outputs.append(output)
     return outputs

@@ -137,6 +137,7 @@ class Gateway:
         depth = await asyncio.to_thread(self.store.unfinished)
         if depth >= self.config.max_queue:  # refuse before downloading and decoding; submit() re-checks atomically
             raise self._queue_full(depth)
+        started = time.perf_counter()
         try:
             pixels = await load_image(image, self.limits)
         except ImageInputError as exc:
@@ -149,7 +150,11 @@ class Gateway:
         job_id = new_job_id()
         input_path = self.inputs / f"{job_id}.npy"
         key = await asyncio.to_thread(self._save_input, input_path, pixels)
-        payload = {"params": validated.model_dump(mode="json"), "image_key": key}
+        payload = {
+            "params": validated.model_dump(mode="json"),
+            "image_key": key,
+            "decode_seconds": round(time.perf_counter() - started, 4),  # fetch, decode and store the image
+        }
         try:
             job = await asyncio.to_thread(
                 self.store.submit,

@@ -141,7 +141,11 @@ class ModelWorker(ls.LitAPI):
                 "outputs": output.files,
                 "files": files,
                 "data": output.data,
-                "metrics": {**output.metrics, "batch_size": batch_size},
+                "metrics": {
+                    **output.metrics,
+                    "batch_size": batch_size,
+                    "stages": {"decode": job.payload["decode_seconds"], **output.metrics.get("stages", {})},
+                },
             }
             if not self.store.complete(job.id, result):
                 self.artifacts.delete(job.files_token)  # the watchdog failed it meanwhile

@@ -60,6 +60,8 @@ def test_run_returns_absolute_urls_masks_and_metrics(client, server):
     metrics = result["metrics"]
     assert isinstance(metrics["inference_time"], float)
     assert metrics["total_time"] >= metrics["inference_time"] and "queue_time" in metrics
+    assert set(metrics["stages"]) == {"decode", "embed", "detect", "encode"} and metrics["batch_size"] >= 1
+    assert all(seconds >= 0 for seconds in metrics["stages"].values())
 
 
 def test_submit_async_wait_and_status(client):
@@ -159,6 +161,8 @@ def test_second_prompt_on_an_image_hits_the_embedding_cache(client):
     second = client.run("sam3-image", image=image, text_prompt="dog")
     assert first["metrics"]["embedding_cache_hit"] is False
     assert second["metrics"]["embedding_cache_hit"] is True
+    assert set(first["metrics"]["stages"]) == {"decode", "embed", "mask", "encode"}
+    assert set(second["metrics"]["stages"]) == {"decode", "detect", "encode"}  # the ViT did not run
 
 
 def _tiny_png(**kwargs) -> bytes:

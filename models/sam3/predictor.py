@@ -8,6 +8,7 @@ output is kept in an LRU cache keyed by the image's content hash. Two heads read
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class ImageEmbedding:
     features: torch.Tensor
     image_size: tuple[int, int]  # original (height, width)
     cached: bool
+    seconds: float  # the ViT pass that computed it (shared by the images of a batched pass); 0 when cached
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Sam3Predictor:
     def embed(self, images: Sequence[tuple[str, np.ndarray]]) -> list[ImageEmbedding]:
         """Embed `(content_key, HxWx3 uint8)` images: cache hits skip the ViT, misses share batched passes."""
         found: dict[str, torch.Tensor] = {}
+        seconds: dict[str, float] = {}
         hits = set()
         for key, _ in images:
             if key in self._cache:
@@ -117,13 +120,20 @@ class Sam3Predictor:
         for start in range(0, len(misses), self.max_vit_batch):
             chunk = misses[start : start + self.max_vit_batch]
             pixels = self.processor.image_processor(images=[image for _, image in chunk], return_tensors="pt")
+            start = time.perf_counter()
             pixel_values = pixels["pixel_values"].to(self.device, self.dtype)
             features = self.detector.vision_encoder.backbone(pixel_values).last_hidden_state
+            if features.is_cuda:
+                torch.cuda.synchronize(features.device)
+            elapsed = time.perf_counter() - start
             self.vit_batches += 1
             for i, (key, _) in enumerate(chunk):
-                found[key] = features[i : i + 1].clone()
+                found[key], seconds[key] = features[i : i + 1].clone(), elapsed
                 self._remember(key, found[key])
-        return [ImageEmbedding(key, found[key], image.shape[:2], key in hits) for key, image in images]
+        return [
+            ImageEmbedding(key, found[key], image.shape[:2], cached=key in hits, seconds=seconds.get(key, 0.0))
+            for key, image in images
+        ]
 
     def _remember(self, key: str, features: torch.Tensor) -> None:
         if self.cache_size <= 0:
