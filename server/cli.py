@@ -1,8 +1,9 @@
-"""`sam3-serve`: serve, and manage weights.
+"""`sam3-serve`: serve, manage weights, and benchmark.
 
 sam3-serve serve [--host ...] [--port ...]      start the server
-sam3-serve weights download [SET ...]           fetch weight sets from the Hugging Face Hub
+sam3-serve weights download [NAME ...]          fetch weight sets from the Hugging Face Hub
 sam3-serve weights verify                       load each present set, report key mismatches
+sam3-serve bench --base-url URL --model M ...   load-test a Segmind-compatible endpoint
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.registry import TASKS
+from server import bench as bench_module
 from server import config as config_module
 from server.weights import MANIFEST, DownloadError, download, verify
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="start the server")
     config_module.add_arguments(serve)
+
+    bench = commands.add_parser("bench", help="load-test any Segmind-compatible endpoint (this server or Segmind's)")
+    bench_module.add_arguments(bench)
 
     weights = commands.add_parser("weights", help="download or verify model weights")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True)
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_server(config_module.from_sources(args))
         return 0
+    if args.command == "bench":
+        return bench_module.run(args)
 
     weights_dir = _weights_dir(args)
     if args.weights_command == "download":
