@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import multiprocessing.synchronize
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import litserve as ls
 import numpy as np
 from fastapi import Request
 from litserve.utils import ResponseBufferItem
@@ -55,7 +57,13 @@ def missing_weights(weights_dir: Path) -> dict[str, list[str]]:
 
 class Gateway:
     def __init__(
-        self, config: ServeConfig, store: JobStore, artifacts: ArtifactStore, keys: ApiKeys, draining, server=None
+        self,
+        config: ServeConfig,
+        store: JobStore,
+        artifacts: ArtifactStore,
+        keys: ApiKeys,
+        draining: multiprocessing.synchronize.Event,
+        server: ls.LitServer,
     ) -> None:
         self.config = config
         self.store = store
