@@ -136,24 +136,14 @@ def build_router(gateway: Gateway) -> APIRouter:
             path, content_type = primary
             return FileResponse(path, media_type=content_type, headers=headers)
 
-        router.add_api_route(
-            f"/v2/{spec.name}",
-            submit_async,
-            methods=["POST"],
-            summary=f"Submit a {spec.name} job",
-            description=spec.summary,
-            openapi_extra=body,
-            tags=["segmind"],
-        )
-        router.add_api_route(
-            f"/v1/{spec.name}",
-            submit_sync,
-            methods=["POST"],
-            summary=f"Run {spec.name} and wait for its output",
-            description=spec.summary,
-            openapi_extra=body,
-            tags=["segmind"],
-        )
+        for path, handler, summary in (
+            (f"/v2/{spec.name}", submit_async, f"Submit a {spec.name} job"),
+            (f"/v1/{spec.name}", submit_sync, f"Run {spec.name} and wait for its output"),
+        ):
+            router.add_api_route(
+                path, handler, methods=["POST"], summary=summary, description=spec.summary, openapi_extra=body,
+                tags=["segmind"],
+            )  # fmt: skip
 
     for spec in TASKS.values():
         add_model_routes(spec)
@@ -163,21 +153,21 @@ def build_router(gateway: Gateway) -> APIRouter:
     async def unknown_model(model: str) -> None:
         gateway.task(model)  # raises 404 for an unknown model
 
-    @router.get("/v2/requests/{request_id}/status", tags=["segmind"], summary="Job status")
-    async def status(request_id: str, request: Request) -> JSONResponse:
+    def status_body(job: Job, base: str) -> dict:
+        return {"status": job.state.value, **urls(base, job), "metrics": job.metrics()}
+
+    async def answer(request_id: str, request: Request, body: Callable[[Job, str], dict]) -> JSONResponse:
         job = await gateway.job(request_id)
         base = gateway.base_url(request)
-        if job.state is JobState.FAILED:
-            return failed(job, base)
-        return JSONResponse({"status": job.state.value, **urls(base, job), "metrics": job.metrics()})
+        return failed(job, base) if job.state is JobState.FAILED else JSONResponse(body(job, base))
+
+    @router.get("/v2/requests/{request_id}/status", tags=["segmind"], summary="Job status")
+    async def status(request_id: str, request: Request) -> JSONResponse:
+        return await answer(request_id, request, status_body)
 
     @router.get("/v2/requests/{request_id}", tags=["segmind"], summary="Job result")
     @router.get("/v1/requests/{request_id}", tags=["segmind"], summary="Job result (the v1 poll URL)")
     async def result(request_id: str, request: Request) -> JSONResponse:
-        job = await gateway.job(request_id)
-        base = gateway.base_url(request)
-        if job.state is JobState.FAILED:
-            return failed(job, base)
-        return JSONResponse(result_body(job, base))
+        return await answer(request_id, request, result_body)
 
     return router
