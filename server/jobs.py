@@ -222,26 +222,35 @@ class JobStore:
     def fail(self, job_id: str, error: str) -> bool:
         """QUEUED/PROCESSING -> FAILED with a message for the client."""
         with self._tx() as db:
-            return bool(
-                db.execute(
-                    "UPDATE jobs SET state = ?, finished_at = ?, error = ?, worker_pid = NULL"
-                    " WHERE id = ? AND state IN (?, ?)",
-                    (JobState.FAILED, time.time(), error, job_id, *UNFINISHED),
-                ).rowcount
-            )
+            return self._fail_in(db, job_id, error)
 
     def _fail_where(self, condition: str, args: tuple, error: Callable[[Job], str]) -> list[Job]:
+        # Read first: the janitor calls this every second, and an idle pass must not take the write lock.
+        rows = (
+            self._connection()
+            .execute(f"SELECT * FROM jobs WHERE state IN (?, ?) AND {condition}", (*UNFINISHED, *args))
+            .fetchall()
+        )
+        if not rows:
+            return []
         failed = []
         with self._tx() as db:
-            rows = db.execute(f"SELECT * FROM jobs WHERE state IN (?, ?) AND {condition}", (*UNFINISHED, *args))
-            for job in [Job._from_row(r) for r in rows.fetchall()]:
+            for job in [Job._from_row(r) for r in rows]:
                 job.error = error(job)
-                db.execute(
-                    "UPDATE jobs SET state = ?, finished_at = ?, error = ?, worker_pid = NULL WHERE id = ?",
-                    (JobState.FAILED, time.time(), job.error, job.id),
-                )
-                failed.append(job)
+                if self._fail_in(db, job.id, job.error):
+                    failed.append(job)
         return failed
+
+    @staticmethod
+    def _fail_in(db: sqlite3.Connection, job_id: str, error: str) -> bool:
+        """QUEUED/PROCESSING -> FAILED inside an open transaction; False when the job already finished."""
+        return bool(
+            db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, worker_pid = NULL"
+                " WHERE id = ? AND state IN (?, ?)",
+                (JobState.FAILED, time.time(), error, job_id, *UNFINISHED),
+            ).rowcount
+        )
 
     def fail_overdue(self) -> list[Job]:
         """The watchdog: every unfinished job past its deadline FAILS."""
@@ -253,10 +262,10 @@ class JobStore:
 
     def fail_orphans(self, worker_alive: Callable[[int], bool]) -> list[Job]:
         """PROCESSING jobs whose worker process is gone FAIL (the worker crashed mid-job)."""
-        with self._tx() as db:
-            pids = [
-                r[0] for r in db.execute("SELECT DISTINCT worker_pid FROM jobs WHERE state = ?", (JobState.PROCESSING,))
-            ]
+        rows = self._connection().execute(
+            "SELECT DISTINCT worker_pid FROM jobs WHERE state = ?", (JobState.PROCESSING,)
+        )
+        pids = [r[0] for r in rows.fetchall()]
         dead = [pid for pid in pids if pid is not None and not worker_alive(pid)]
         if not dead:
             return []
@@ -296,10 +305,10 @@ class JobStore:
 
     def expire(self) -> list[Job]:
         """Delete jobs past their retention; returns them so that their files can be deleted too."""
-        now = time.time()
-        with self._tx() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE expires_at <= ?", (now,)).fetchall()
-            db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,))
+        rows = self._connection().execute("SELECT * FROM jobs WHERE expires_at <= ?", (time.time(),)).fetchall()
+        if rows:
+            with self._tx() as db:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(r["id"],) for r in rows])
         return [Job._from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
