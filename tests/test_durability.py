@@ -37,10 +37,15 @@ def start(weights_dir, data_dir, *args: str) -> ServerProcess:
     return ServerProcess(weights_dir, data_dir, "--max-batch-size", "1", *args).start()
 
 
+def start_with_a_running_job(weights_dir, data_dir) -> tuple[ServerProcess, str]:
+    server = start(weights_dir, data_dir)
+    running = submit(server, SLOW)
+    server.wait_for_state(running, {"PROCESSING"})
+    return server, running
+
+
 def test_hard_kill_then_restart_reruns_the_running_job_and_runs_the_queued(weights_dir, data_dir):
-    first = start(weights_dir, data_dir)
-    running = submit(first, SLOW)
-    first.wait_for_state(running, {"PROCESSING"})
+    first, running = start_with_a_running_job(weights_dir, data_dir)
     queued = [submit(first, QUICK) for _ in range(2)]
     first.kill()  # every process at once, mid-job
     assert first.job_row(running)["state"] == "PROCESSING"
@@ -56,9 +61,7 @@ def test_hard_kill_then_restart_reruns_the_running_job_and_runs_the_queued(weigh
 
 
 def test_sigterm_drains_running_jobs_and_keeps_queued_ones_for_the_next_start(weights_dir, data_dir):
-    server = start(weights_dir, data_dir)
-    running = submit(server, SLOW)
-    server.wait_for_state(running, {"PROCESSING"})
+    server, running = start_with_a_running_job(weights_dir, data_dir)
     waiting = submit(server, QUICK)
     server.process.send_signal(signal.SIGTERM)
     # While draining: polls still answer, submits are refused with 503.
@@ -78,9 +81,7 @@ def test_sigterm_drains_running_jobs_and_keeps_queued_ones_for_the_next_start(we
 
 
 def test_ctrl_c_to_the_whole_process_group_drains_too(weights_dir, data_dir):
-    server = start(weights_dir, data_dir)
-    running = submit(server, SLOW)
-    server.wait_for_state(running, {"PROCESSING"})
+    server, running = start_with_a_running_job(weights_dir, data_dir)
     os.killpg(server.process.pid, signal.SIGINT)  # what a terminal sends on Ctrl+C
     assert server.process.wait(timeout=90) == 0
     server.terminate()
