@@ -88,7 +88,11 @@ def start(weights: Path, data: Path, *args: str) -> ServerProcess:
 
 
 def latency_vs_in_process(weights: Path, work: Path, repeats: int) -> dict:
-    """(a): the same request through the HTTP server and called in the benchmark's own process."""
+    """(a): the same request through the HTTP server and called in the benchmark's own process.
+
+    The two are interleaved request by request (the server idles while the in-process call runs),
+    so that this machine's speed drifting over a minute cancels out of the ratio.
+    """
     import torch
 
     from models.sam3 import Sam3Predictor, load_sam3
@@ -96,21 +100,18 @@ def latency_vs_in_process(weights: Path, work: Path, repeats: int) -> dict:
     from pipeline.schemas import Sam3ImageParams
     from pipeline.task import TaskInput
 
-    pictures = images(repeats + 1, seed=1)
-    server = start(weights, work / "a", "--max-batch-size", "1", "--embedding-cache-size", "0")
-    try:
-        through_server = [v1(server, {"image": b64(p), "text_prompt": "a cat"}) for p in pictures]
-    finally:
-        server.terminate()
-
     predictor = Sam3Predictor(load_sam3(weights / "sam3", dtype=torch.float32), cache_size=0, max_vit_batch=1)
     params = Sam3ImageParams(text_prompt="a cat")
-    in_process = []
-    for i, picture in enumerate(pictures):
-        start_time = time.perf_counter()
-        item = TaskInput(picture, f"bench-{i}", params, lambda name, content, kind: None)
-        sam3_image.run(predictor, [item])
-        in_process.append(time.perf_counter() - start_time)
+    server = start(weights, work / "a", "--max-batch-size", "1", "--embedding-cache-size", "0")
+    through_server, in_process = [], []
+    try:
+        for i, picture in enumerate(images(repeats + 1, seed=1)):
+            through_server.append(v1(server, {"image": b64(picture), "text_prompt": "a cat"}))
+            start_time = time.perf_counter()
+            sam3_image.run(predictor, [TaskInput(picture, f"bench-{i}", params, lambda name, content, kind: None)])
+            in_process.append(time.perf_counter() - start_time)
+    finally:
+        server.terminate()
     server_s, local_s = statistics.median(through_server[1:]), statistics.median(in_process[1:])
     return {"server_s": round(server_s, 3), "in_process_s": round(local_s, 3), "ratio": round(server_s / local_s, 3)}
 
