@@ -1,0 +1,123 @@
+"""Compare our models with the official implementations' recorded outputs.
+
+    python tests/parity/run.py sam3d-body FIXTURE_DIR
+
+A fixture folder holds the model files in release layout, an `input.json` and the official
+outputs (`expected.npz` for "body" mode, `expected_full.npz` for "full"). Prints the max error of
+every compared array and exits 1 when one is above its tolerance (2 when the folder is unusable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Tolerances from the fixtures' READMEs: fp32 noise of the official runs is <= 5e-5 px and <= 6e-7 m.
+TOL_2D_PX = 1e-3
+TOL_3D = 1e-5
+TOL_FEATURES = 1e-4
+PIXEL_KEYS = {"pred_keypoints_2d", "lhand_bbox", "rhand_bbox", "bbox", "batch/affine_trans"}
+
+
+def _tolerance(key: str) -> float:
+    key = key.split(":", 1)[-1]
+    if key in PIXEL_KEYS or key.endswith("keypoints_2d"):
+        return TOL_2D_PX
+    if key.startswith(("interm/", "batch/")):
+        return TOL_FEATURES
+    return TOL_3D
+
+
+def _load_masks(folder: Path, spec: object, count: int, size: tuple[int, int]) -> np.ndarray | None:
+    """Masks named in input.json: one .npy [N, H, W], or image file(s), one per box; nonzero = person."""
+    if spec is None:
+        return None
+    names = spec if isinstance(spec, list) else [spec]
+    if len(names) == 1 and str(names[0]).endswith(".npy"):
+        masks = np.load(folder / names[0])
+    else:
+        masks = np.stack([np.array(Image.open(folder / n).convert("L")) for n in names])
+    masks = (masks.reshape(-1, size[1], size[0]) > 0).astype(np.uint8)
+    if len(masks) != count:
+        raise SystemExit(f"{folder}: {len(masks)} masks for {count} boxes")
+    return masks
+
+
+def run_sam3d_body(folder: Path) -> list[tuple[str, float, float]]:
+    from models.sam3d_body.checkpoint import load_sam3d_body
+    from models.sam3d_body.crop import crop_rays
+    from models.sam3d_body.predictor import BodyRequest, Sam3DBodyPredictor
+
+    spec = json.loads((folder / "input.json").read_text())
+    image = np.array(Image.open(folder / spec["image"]).convert("RGB"))
+    boxes = np.asarray(spec["bboxes_xyxy"], dtype=np.float32)
+    masks = _load_masks(folder, spec.get("mask"), len(boxes), (image.shape[1], image.shape[0]))
+    cam_int = None if spec.get("cam_int") is None else np.asarray(spec["cam_int"], dtype=np.float32)
+    model = load_sam3d_body(folder, mhr_path=folder / "mhr_stub.pt")
+    predictor = Sam3DBodyPredictor(model)
+    request = BodyRequest(image, boxes, masks, cam_int)
+
+    rows: list[tuple[str, float, float]] = []
+
+    def compare(key: str, ours: np.ndarray, expected: np.ndarray) -> None:
+        ours = np.asarray(ours, dtype=np.float64).reshape(expected.shape)
+        rows.append((key, float(np.abs(ours - expected).max()) if expected.size else 0.0, _tolerance(key)))
+
+    for mode, file in (("body", "expected.npz"), ("full", "expected_full.npz")):
+        if not (folder / file).is_file():
+            continue
+        expected = np.load(folder / file)
+        people = predictor.predict([request], mode=mode)[0]
+        for key in people[0]:
+            if key in expected.files:
+                compare(f"{mode}:{key}", np.stack([p[key] for p in people]), expected[key])
+        compare(f"{mode}:faces", predictor.faces, expected["faces"])
+        if mode == "body":
+            # The first stages, so that a mismatch points at its cause.
+            from models.sam3d_body.crop import BODY_PADDING, crop_people
+
+            crops = crop_people(image, boxes, model.image_size, BODY_PADDING, masks)
+            compare("batch/img", crops.images, expected["batch/img"])
+            compare("batch/affine_trans", crops.affines, expected["batch/affine_trans"])
+            cams = torch.from_numpy(request.intrinsics())[None].expand(len(boxes), -1, -1)
+            with torch.inference_mode():
+                compare("batch/ray_cond", crop_rays(crops.affines, cams, model.image_size), expected["batch/ray_cond"])
+                features = model.encode(crops.images)
+                compare("interm/backbone_call0/features", features, expected["interm/backbone_call0/features"])
+    return rows
+
+
+RUNNERS: dict[str, Callable[[Path], list[tuple[str, float, float]]]] = {"sam3d-body": run_sam3d_body}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=sorted(RUNNERS))
+    parser.add_argument("fixture", type=Path)
+    args = parser.parse_args(argv)
+    if not (args.fixture / "input.json").is_file():
+        print(f"{args.fixture}: no input.json, not a fixture folder", file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rows = RUNNERS[args.model](args.fixture)
+    if not rows:
+        print(f"{args.fixture}: no expected outputs found", file=sys.stderr)
+        return 2
+    failed = 0
+    for key, error, tol in rows:
+        ok = error <= tol
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {key:45s} max abs {error:.3e}  (tol {tol:.0e})")
+    print(f"{len(rows) - failed}/{len(rows)} within tolerance")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
