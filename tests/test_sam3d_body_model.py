@@ -122,3 +122,53 @@ def test_config_for_another_architecture_is_refused() -> None:
     raw["MODEL"]["DECODER"]["ENABLE_TWOWAY"] = True
     with pytest.raises(ConfigError, match="MODEL.DECODER.ENABLE_TWOWAY"):
         Sam3DBodyConfig.from_dict(raw)
+
+
+def test_full_mode_hand_fusion_matches_the_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parity_a rejects every hand, so its full-mode outputs never reach the fusion step.
+
+    With the four hand tests relaxed every hand is fused. `tests/fixtures/sam3d_body_fusion.npz` holds
+    the official implementation's outputs for parity_a's files with the same thresholds relaxed (box
+    side 0, wrist distance and angle 1e9, keypoints-inside 1e9), recorded outside this repository.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from models.sam3d_body import predictor as body_predictor
+
+    expected = np.load(REPO / "tests" / "fixtures" / "sam3d_body_fusion.npz")
+    spec = json.loads((PARITY_A / "input.json").read_text())
+    request = body_predictor.BodyRequest(
+        np.array(Image.open(PARITY_A / "input.png").convert("RGB")), np.asarray(spec["bboxes_xyxy"], np.float32)
+    )
+    predictor = body_predictor.Sam3DBodyPredictor(load_sam3d_body(PARITY_A, mhr_path=PARITY_A / "mhr_stub.pt"))
+    # One thread, as the recording: hand crops come from predicted boxes, and summation-order noise
+    # in a box can move a crop pixel by 1/255.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        strict = predictor.predict([request], mode="full")[0]
+        for name, value in (
+            ("HAND_MIN_SIDE", 0),
+            ("WRIST_DISTANCE_LIMIT", 1e9),
+            ("WRIST_ANGLE_LIMIT", 1e9),
+            ("HAND_INSIDE_LIMIT", 1e9),
+        ):
+            monkeypatch.setattr(body_predictor, name, value)
+        fused = predictor.predict([request], mode="full")[0]
+    finally:
+        torch.set_num_threads(threads)
+
+    for key in expected.files:
+        ours = np.stack([p[key] for p in fused])
+        tolerance = 1e-3 if key in ("pred_keypoints_2d", "lhand_bbox", "rhand_bbox") else 1e-5
+        assert np.abs(ours - expected[key]).max() <= tolerance, key
+    # The fusion did change the hands and wrists, so the comparison above covers it.
+    hands = np.stack([p["hand_pose_params"] for p in fused]) - np.stack([p["hand_pose_params"] for p in strict])
+    wrists = [31, 32, 33, 41, 42, 43]
+    wrist_change = np.stack(
+        [p["body_pose_params"][wrists] - q["body_pose_params"][wrists] for p, q in zip(fused, strict)]
+    )
+    assert np.abs(hands).max() > 0.1 and np.abs(wrist_change).max() > 0.1

@@ -27,6 +27,7 @@ MODES: tuple[Mode, ...] = ("body", "full")
 WRIST_ANGLE_LIMIT = 1.4  # radians between the body's and the hand's wrist rotation
 HAND_MIN_SIDE = 64  # pixels of the hand crop
 WRIST_DISTANCE_LIMIT = 0.25  # of the hand crop side
+HAND_INSIDE_LIMIT = 0.5  # every hand keypoint within this of the hand crop's centre (crop-normalised)
 # MHR70 keypoints and MHR joints used by the hand refinement.
 RIGHT_WRIST, LEFT_WRIST, RIGHT_ELBOW, LEFT_ELBOW = 41, 62, 8, 7
 LOWER_ARM_JOINTS = [76, 40]  # left, right
@@ -199,8 +200,8 @@ class Sam3DBodyPredictor:
         ).to(self.device)
         inside_ok = torch.stack(
             [
-                left["pred_keypoints_2d_cropped"].abs().amax(dim=(1, 2)) < 0.5,
-                right["pred_keypoints_2d_cropped"].abs().amax(dim=(1, 2)) < 0.5,
+                left["pred_keypoints_2d_cropped"].abs().amax(dim=(1, 2)) < HAND_INSIDE_LIMIT,
+                right["pred_keypoints_2d_cropped"].abs().amax(dim=(1, 2)) < HAND_INSIDE_LIMIT,
             ],
             dim=1,
         )
@@ -222,8 +223,7 @@ class Sam3DBodyPredictor:
         clicks = torch.stack([right_wrist, left_wrist, body_2d[:, RIGHT_ELBOW], body_2d[:, LEFT_ELBOW]], dim=1)
         crop_xy = body.geometry.to_crop(clicks, size)
         labels = torch.tensor([RIGHT_WRIST, LEFT_WRIST, RIGHT_ELBOW, LEFT_ELBOW], device=self.device).float()
-        click_ok = ((crop_xy >= -0.5) & (crop_xy <= 0.5)).all(dim=-1) & hand_ok[:, [1, 0, 1, 0]]
-        pose = self._prompted_pass(body, counts, crop_xy, labels, click_ok)
+        pose = self._prompted_pass(body, counts, crop_xy, labels, hand_ok[:, [1, 0, 1, 0]])
 
         pose = self._fuse_hands(pose, left, right, hand_ok, body_wrist_local)
         kp = pose["pred_keypoints_3d"] + pose["pred_cam_t"][:, None]
@@ -258,18 +258,25 @@ class Sam3DBodyPredictor:
     ) -> dict[str, torch.Tensor]:
         """Second body-decoder pass with the wrist/elbow clicks; people grouped by click count.
 
-        As released: in an image with several people, unusable clicks become invalid clicks; with
-        one person they are dropped, and without any click that person keeps the first pass.
+        A click is usable when its hand is valid and it lies on the crop. As released: in an image
+        with several people unusable clicks become invalid clicks; with one person they are dropped
+        (and there "on the crop" excludes its border), and without any click that person keeps the
+        first pass.
         """
         first = body.out.pose
         prev = torch.cat([first[k] for k in ("pred_pose_raw", "shape", "scale", "hand", "face", "pred_cam")], dim=1)
         clicks = torch.cat([(crop_xy + 0.5).clamp(0.0, 1.0), labels.expand(len(crop_xy), -1)[..., None]], dim=-1)
         dummy = torch.tensor([0.0, 0.0, INVALID_POINT], device=clicks.device)
+        on_crop = ((crop_xy >= -0.5) & (crop_xy <= 0.5)).all(dim=-1) & ok
+        inside_crop = ((crop_xy > -0.5) & (crop_xy < 0.5)).all(dim=-1) & ok
         groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
         start = 0
         for n in counts:
             for i in range(start, start + n):
-                person_clicks = torch.where(ok[i, :, None], clicks[i], dummy) if n > 1 else clicks[i][ok[i]]
+                if n > 1:
+                    person_clicks = torch.where(on_crop[i, :, None], clicks[i], dummy)
+                else:
+                    person_clicks = clicks[i][inside_crop[i]]
                 if len(person_clicks):
                     groups.setdefault(len(person_clicks), []).append((i, person_clicks))
             start += n
