@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from pipeline.schemas import Sam3ImageParams
+from pipeline.schemas import Sam3DBodyParams, Sam3ImageParams
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,15 @@ class TaskSpec:
     name: str  # the model slug in URLs, e.g. /v2/sam3-image
     summary: str
     params: type[BaseModel]
-    weights: tuple[str, ...]  # weight sets of weights/manifest.json
+    # Weight sets of weights/manifest.json; "{option}" fields are filled from the server config.
+    weights: tuple[str, ...]
     primary_content_type: str  # what v1 sync answers with
+    # Parameters that carry a mask image (white = foreground, the input image's size): the gateway
+    # decodes and checks them and stores them beside the image.
+    mask_params: tuple[str, ...] = ()
+
+    def weight_sets(self, **options: object) -> tuple[str, ...]:
+        return tuple(name.format(**options) for name in self.weights)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -27,6 +34,14 @@ TASKS: dict[str, TaskSpec] = {
             params=Sam3ImageParams,
             weights=("sam3",),
             primary_content_type="image/png",
+        ),
+        TaskSpec(
+            name="sam-3d-body",
+            summary="SAM 3D Body: a 3D mesh (MHR) of every person in the image, placed in camera space.",
+            params=Sam3DBodyParams,
+            weights=("sam3", "sam-3d-body-{body_variant}"),
+            primary_content_type="model/gltf-binary",
+            mask_params=("mask",),
         ),
     ]
 }

@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 from models.sam3 import Sam3Predictor, load_sam3
-from pipeline import sam3_image
+from models.sam3d_body.checkpoint import load_sam3d_body
+from models.sam3d_body.predictor import Mode, Sam3DBodyPredictor
+from models.sam3d_body.smplx_fit import find_smplx_model
+from pipeline import sam3_image, sam3d_body
 from pipeline.task import TaskInput, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,8 @@ class Runtime:
         dtype: torch.dtype,
         embedding_cache_size: int,
         max_batch_size: int,
+        body_variant: str = "dinov3",
+        body_mode: Mode = "full",
     ) -> None:
         self.sam3: Sam3Predictor | None = None
         if "sam3" in weight_sets:
@@ -37,7 +42,19 @@ class Runtime:
             vit_batch = max_batch_size if str(device).startswith("cuda") else 1
             self.sam3 = Sam3Predictor(models, cache_size=embedding_cache_size, max_vit_batch=vit_batch)
             log.info("SAM 3 loaded on %s (%s)", device, dtype)
-        self._runners = {"sam3-image": lambda items: sam3_image.run(self.sam3, items)}
+        self.body: Sam3DBodyPredictor | None = None
+        body_set = f"sam-3d-body-{body_variant}"
+        if body_set in weight_sets:
+            # The release runs its backbone in half precision on GPU; the heads and MHR stay fp32.
+            backbone_dtype = dtype if str(device).startswith("cuda") else torch.float32
+            model = load_sam3d_body(weights_dir / body_set, device=device, backbone_dtype=backbone_dtype)
+            self.body = Sam3DBodyPredictor(model, max_crops=max(8, 2 * max_batch_size))
+            log.info("SAM 3D Body (%s) loaded on %s, backbone %s", body_variant, device, backbone_dtype)
+        smplx_model = find_smplx_model(weights_dir)
+        self._runners = {
+            "sam3-image": lambda items: sam3_image.run(self.sam3, items),
+            "sam-3d-body": lambda items: sam3d_body.run(self.body, self.sam3, items, body_mode, smplx_model),
+        }
 
     def run(self, task: str, items: list[TaskInput]) -> list[TaskOutput]:
         return self._runners[task](items)

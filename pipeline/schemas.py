@@ -125,3 +125,37 @@ class Sam3ImageParams(BaseModel):
     def point_labels(self) -> list[int]:
         labels = self.point_labels_input or [1]
         return labels * len(self.points_input) if len(labels) == 1 else labels
+
+
+class Sam3DBodyParams(BaseModel):
+    """sam-3d-body parameters besides the image (Segmind's names first, then this server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_keypoints: bool = Field(
+        False, description="Add each person's 70 keypoints (2D pixels, 3D camera metres) to the metadata."
+    )
+    return_individual_meshes: bool = Field(False, description="Also output one PLY mesh per person.")
+    mask: str | None = Field(
+        None,
+        description="Person mask image (URL, base64 or data: URI), white = person, same size as the image: "
+        "skips detection, the person's box is the mask's bounding box.",
+    )
+    inference_mode: Literal["full", "body"] | None = Field(
+        None,
+        description="full: body, then both hands refined; body: one body pass (faster). "
+        "Default: the server's --body-inference-mode.",
+    )
+    detection_threshold: float = Field(0.5, ge=0.05, le=1.0, description="Minimum SAM 3 score of a person.")
+    max_people: int = Field(20, ge=1, le=100, description="Reconstruct at most this many people, best scores first.")
+    focal_length: float | None = Field(
+        None, gt=0, description="Camera focal length in pixels. Default: the image diagonal, as the release."
+    )
+    return_smplx: bool = Field(
+        False,
+        description="Also output each person's vertices in SMPL-X order (JSON; with faces and fitted "
+        "SMPL-X parameters when SMPL-X model files are in weights/smplx/).",
+    )
+
+    def check_bounds(self, width: int, height: int) -> None:
+        """Nothing here refers to image coordinates; masks are checked by the gateway."""

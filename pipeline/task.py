@@ -18,6 +18,7 @@ class TaskInput:
     image_key: str  # content hash of `image`: the embedding cache key
     params: BaseModel
     save: SaveFile
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # mask parameters, decoded: [H, W] 0/1
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipeline.registry import TASKS
 from server import bench as bench_module
@@ -18,8 +17,9 @@ from server import config as config_module
 from server.weights import MANIFEST, DownloadError, download, verify
 
 
-def _weights_dir(args: argparse.Namespace) -> Path:
-    return config_module.from_sources(argparse.Namespace(weights_dir=args.weights_dir)).weights_dir
+def _config(args: argparse.Namespace) -> config_module.ServeConfig:
+    """The serve configuration as flags (here only --weights-dir) and environment variables give it."""
+    return config_module.from_sources(argparse.Namespace(weights_dir=args.weights_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return bench_module.run(args)
 
-    weights_dir = _weights_dir(args)
+    config = _config(args)
+    weights_dir = config.weights_dir
     if args.weights_command == "download":
         unknown = [name for name in args.sets if name not in MANIFEST and name not in TASKS]
         if unknown:
             parser.error(f"unknown name(s) {', '.join(unknown)}; known: {', '.join([*MANIFEST, *TASKS])}")
-        sets = [ws for name in args.sets for ws in (TASKS[name].weights if name in TASKS else [name])]
+        options = config.model_dump()
+        sets = [ws for name in args.sets for ws in (TASKS[name].weight_sets(**options) if name in TASKS else [name])]
         status = 0
         for name in dict.fromkeys(sets or MANIFEST):
             entry = MANIFEST[name]

@@ -50,6 +50,12 @@ class ServeConfig(BaseModel):
     allow_private_urls: bool = Field(
         False, description="Allow image URLs on loopback, private and link-local addresses."
     )
+    body_variant: Literal["dinov3", "vith"] = Field(
+        "dinov3", description="SAM 3D Body release served as sam-3d-body (weight set sam-3d-body-VARIANT)."
+    )
+    body_inference_mode: Literal["full", "body"] = Field(
+        "full", description="sam-3d-body default: full refines both hands (slower), body runs one body pass."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     @property

@@ -19,7 +19,11 @@ BLOCK = re.compile(r"(<!-- begin:(?P<name>[\w:-]+) -->\n).*?(<!-- end:(?P=name) 
 
 
 def _constraints(schema: dict) -> str:
-    bounds = [f"{op} {schema[key]}" for key, op in (("minimum", ">="), ("maximum", "<=")) if key in schema]
+    for option in schema.get("anyOf", []):  # an optional parameter: the bounds are on its non-null type
+        if option.get("type") != "null":
+            schema = {**option, **schema}
+    ops = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+    bounds = [f"{op} {schema[key]}" for key, op in ops if key in schema]
     if "enum" in schema:
         bounds.append(" / ".join(f"`{v}`" for v in schema["enum"]))
     return ", ".join(bounds)
@@ -58,6 +62,10 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only report whether README.md is up to date")
     args = parser.parse_args()
     current = README.read_text()
+    absent = [name for name in blocks() if f"<!-- begin:{name} -->" not in current]
+    if absent:
+        print(f"README.md lacks the generated block(s) {', '.join(absent)}: add their markers", file=sys.stderr)
+        return 1
     fresh = render(current)
     if args.check:
         if fresh != current:

@@ -23,7 +23,7 @@ from pipeline.registry import TASKS, TaskSpec
 from server.artifacts import ArtifactStore, new_token
 from server.auth import ApiKeys
 from server.config import ServeConfig
-from server.images import ImageInputError, ImageLimits, content_key, load_image
+from server.images import ImageInputError, ImageLimits, binary_mask, content_key, load_image
 from server.jobs import Job, JobStore, QueueFull, new_job_id
 from server.weights import MANIFEST
 from server.worker import WORKER_PATH
@@ -50,9 +50,18 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def missing_weights(weights_dir: Path) -> dict[str, list[str]]:
+def weight_sets(config: ServeConfig) -> dict[str, tuple[str, ...]]:
+    """Per model: the weight sets it needs under this configuration."""
+    options = config.model_dump()
+    return {name: spec.weight_sets(**options) for name, spec in TASKS.items()}
+
+
+def missing_weights(config: ServeConfig) -> dict[str, list[str]]:
     """Per model: the weight files it still needs (empty when it can be served)."""
-    return {name: [f for ws in spec.weights for f in MANIFEST[ws].missing(weights_dir)] for name, spec in TASKS.items()}
+    return {
+        name: [f for ws in sets for f in MANIFEST[ws].missing(config.weights_dir)]
+        for name, sets in weight_sets(config).items()
+    }
 
 
 class Gateway:
@@ -73,7 +82,8 @@ class Gateway:
         self.server = server  # the LitServer, for its request queue and response buffer
         self.inputs = config.data_dir / "inputs"
         self.inputs.mkdir(parents=True, exist_ok=True)
-        self.missing = missing_weights(config.weights_dir)
+        self.weight_sets = weight_sets(config)
+        self.missing = missing_weights(config)
         self.limits = ImageLimits(
             config.max_image_pixels, config.max_request_bytes, config.url_timeout, config.allow_private_urls
         )
@@ -86,7 +96,7 @@ class Gateway:
             raise ApiError(404, f"Unknown model '{model}'. Served models: {', '.join(TASKS)}")
         missing = self.missing[model]
         if missing:
-            commands = sorted({MANIFEST[ws].download_command for ws in spec.weights})
+            commands = sorted({MANIFEST[ws].download_command for ws in self.weight_sets[model]})
             raise ApiError(
                 503,
                 f"Model '{model}' is unavailable: missing weight files {', '.join(missing)} in "
@@ -101,7 +111,7 @@ class Gateway:
                 "summary": spec.summary,
                 "available": not self.missing[name],
                 "missing_files": self.missing[name],
-                "download": [MANIFEST[ws].download_command for ws in spec.weights],
+                "download": [MANIFEST[ws].download_command for ws in self.weight_sets[name]],
             }
             for name, spec in TASKS.items()
         ]
@@ -154,10 +164,15 @@ class Gateway:
             validated.check_bounds(pixels.shape[1], pixels.shape[0])
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        masks = {}
+        for name in spec.mask_params:
+            if getattr(validated, name) is not None:
+                masks[name] = await self._load_mask(name, getattr(validated, name), pixels.shape[:2])
+                validated = validated.model_copy(update={name: None})  # stored beside the image instead
 
         job_id = new_job_id()
-        input_path = self.inputs / f"{job_id}.npy"
-        key = await asyncio.to_thread(self._save_input, input_path, pixels)
+        input_path = self.inputs / f"{job_id}.npz"
+        key = await asyncio.to_thread(self._save_input, input_path, pixels, masks)
         payload = {
             "params": validated.model_dump(mode="json"),
             "image_key": key,
@@ -180,9 +195,16 @@ class Gateway:
             raise self._queue_full(full.depth) from None
         return job, self.dispatch(job.id, consumer_id, wait)
 
+    async def _load_mask(self, name: str, source: str, size: tuple[int, int]) -> np.ndarray:
+        try:
+            return binary_mask(await load_image(source, self.limits), *size)
+        except ImageInputError as exc:
+            raise ApiError(400, f"{name}: {exc}") from None
+
     @staticmethod
-    def _save_input(path: Path, pixels: np.ndarray) -> str:
-        np.save(path, pixels)
+    def _save_input(path: Path, pixels: np.ndarray, masks: dict[str, np.ndarray]) -> str:
+        """One .npz per job: the decoded image, and the decoded masks under their parameter names."""
+        np.savez(path, image=pixels, **masks)
         return content_key(pixels)
 
     def _queue_full(self, depth: int) -> ApiError:

@@ -153,3 +153,22 @@ async def load_image(value: str, limits: ImageLimits) -> np.ndarray:
             raise ImageInputError(f"image is larger than {limits.max_bytes} bytes")
         data = decode_base64(value)
     return await asyncio.to_thread(decode_image, data, limits.max_pixels)
+
+
+def binary_mask(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A black-and-white mask image (white = foreground) of the input's size -> [H, W] uint8 0/1.
+
+    Up to 1% of grey pixels are tolerated (anti-aliased or JPEG edges); they count as white from 128 up.
+    """
+    if pixels.shape[:2] != (height, width):
+        raise ImageInputError(
+            f"must be the same size as the image ({width}x{height}), got {pixels.shape[1]}x{pixels.shape[0]}"
+        )
+    gray = pixels.mean(axis=2)
+    grey = float(((gray > 32) & (gray < 223)).mean())
+    if grey > 0.01:
+        raise ImageInputError(f"is not a binary mask: {grey:.1%} of its pixels are neither black nor white")
+    mask = (gray >= 128).astype(np.uint8)
+    if not mask.any():
+        raise ImageInputError("has no white (foreground) pixel")
+    return mask

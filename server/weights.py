@@ -77,8 +77,13 @@ class VerifyResult:
 def verify(weights_dir: Path) -> list[VerifyResult]:
     """Load every present weight set and report missing/unexpected keys."""
     from models.sam3 import CheckpointError, load_sam3
+    from models.sam3d_body.checkpoint import verify_sam3d_body
 
-    loaders = {"sam3": load_sam3}
+    loaders = {
+        "sam3": lambda folder: load_sam3(folder).report.describe(),
+        "sam-3d-body-dinov3": verify_sam3d_body,
+        "sam-3d-body-vith": verify_sam3d_body,
+    }
     results = []
     for name, entry in MANIFEST.items():
         missing = entry.missing(weights_dir)
@@ -89,8 +94,7 @@ def verify(weights_dir: Path) -> list[VerifyResult]:
             results.append(VerifyResult(name, False, f"incomplete, missing {', '.join(missing)}"))
             continue
         try:
-            loaded = loaders[name](weights_dir / name)
-            results.append(VerifyResult(name, True, loaded.report.describe()))
+            results.append(VerifyResult(name, True, loaders[name](weights_dir / name)))
         except CheckpointError as exc:
             results.append(VerifyResult(name, False, str(exc)))
         except Exception as exc:  # a corrupt file: report it, keep verifying the others

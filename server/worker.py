@@ -66,6 +66,8 @@ class ModelWorker(ls.LitAPI):
             dtype=dtype,
             embedding_cache_size=self.config.embedding_cache_size,
             max_batch_size=self.config.max_batch_size,
+            body_variant=self.config.body_variant,
+            body_mode=self.config.body_inference_mode,
         )
 
     def decode_request(self, request: dict) -> str:
@@ -96,9 +98,11 @@ class ModelWorker(ls.LitAPI):
             saved[name] = {"content_type": content_type, "size": size}
 
         spec = TASKS[job.model]
-        image = np.load(job.input_path)
+        with np.load(job.input_path) as stored:
+            image = stored["image"]
+            masks = {name: stored[name] for name in spec.mask_params if name in stored.files}
         params = spec.params.model_validate(job.payload["params"])
-        return TaskInput(image=image, image_key=job.payload["image_key"], params=params, save=save)
+        return TaskInput(image=image, image_key=job.payload["image_key"], params=params, save=save, masks=masks)
 
     def _run_batch(self, model: str, jobs: list[Job]) -> None:
         """Run jobs of one model together; if the batch fails, run each alone so one bad job fails alone."""

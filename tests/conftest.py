@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BPE_VOCAB = SHARED / "fixtures" / "sam3" / "bpe_simple_vocab_16e6.txt.gz"
+SAM3D_BODY_PARITY = SHARED / "fixtures" / "sam3d_body" / "parity_a"
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,28 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(f"{BPE_VOCAB} is missing: the tests expect the repository checked out beside shared/")
     root = tmp_path_factory.mktemp("weights")
     write_random_checkpoint(root / "sam3", BPE_VOCAB, size="tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def body_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sam3/` plus `sam-3d-body-dinov3/` in the Hub layout, holding the parity fixture's tiny checkpoint.
+
+    That checkpoint is the release format with a shrunk DINOv3 and decoder; its `mhr_stub.pt` is a
+    TorchScript stand-in with MHR's call signature and output shapes (18,439 vertices, 127 joints).
+    """
+    if not SAM3D_BODY_PARITY.is_dir():
+        pytest.fail(f"{SAM3D_BODY_PARITY} is missing: the tests expect the repository checked out beside shared/")
+    root = tmp_path_factory.mktemp("body-weights")
+    (root / "sam3").symlink_to(weights_dir / "sam3")
+    body = root / "sam-3d-body-dinov3"
+    (body / "assets").mkdir(parents=True)
+    for source, target in (
+        ("model.ckpt", "model.ckpt"),
+        ("model_config.yaml", "model_config.yaml"),
+        ("mhr_stub.pt", "assets/mhr_model.pt"),
+    ):
+        shutil.copy(SAM3D_BODY_PARITY / source, body / target)
     return root
 
 

@@ -78,5 +78,10 @@ def test_a_model_without_weights_is_listed_unavailable_and_answers_503(empty_wei
         error = response.json()["error"]
         assert "sam3/model.safetensors" in error and "sam3-serve weights download sam3" in error
         assert httpx.post(f"{server.url}/v1/sam3-image", json={"image": IMAGE}).status_code == 503
+        body = httpx.post(f"{server.url}/v2/sam-3d-body", json={"image": IMAGE})
+        assert body.status_code == 503
+        error = body.json()["error"]
+        assert "sam-3d-body-dinov3/model.ckpt" in error and "sam-3d-body-dinov3/assets/mhr_model.pt" in error
+        assert "sam3-serve weights download sam-3d-body-dinov3" in error
     finally:
         server.terminate()

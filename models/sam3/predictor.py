@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
 from models.sam3.checkpoint import Sam3Models
 
@@ -159,15 +159,10 @@ class Sam3Predictor:
             self._text_cache.popitem(last=False)
         return features, mask
 
-    @torch.inference_mode()
-    def detect(
-        self,
-        embedding: ImageEmbedding,
-        text: str | None,
-        exemplar_boxes: Sequence[Sequence[float]] = (),
-        threshold: float = 0.5,
-    ) -> MaskPrediction:
-        """Every instance of a concept given by text and/or exemplar boxes (xyxy pixels), score > threshold."""
+    def _detect(
+        self, embedding: ImageEmbedding, text: str | None, exemplar_boxes: Sequence[Sequence[float]], threshold: float
+    ) -> tuple[Sam3ImageSegmentationOutput, torch.Tensor, torch.Tensor]:
+        """The detector's output, and the queries scoring above `threshold` (best first) with their scores."""
         fpn, pos = self.detector.vision_encoder.neck(self._spatial(embedding))
         vision = Sam3VisionEncoderOutput(
             last_hidden_state=embedding.features, fpn_hidden_states=fpn, fpn_position_encoding=pos
@@ -186,7 +181,29 @@ class Sam3Predictor:
         scores = (out.pred_logits[0].float().sigmoid() * out.presence_logits[0].float().sigmoid()).cpu()
         keep = torch.nonzero(scores > threshold).flatten()
         keep = keep[scores[keep].argsort(descending=True)]
-        return MaskPrediction(out.pred_masks[0][keep.to(self.device)].float().sigmoid(), scores[keep], 0.5)
+        return out, keep, scores[keep]
+
+    @torch.inference_mode()
+    def detect(
+        self,
+        embedding: ImageEmbedding,
+        text: str | None,
+        exemplar_boxes: Sequence[Sequence[float]] = (),
+        threshold: float = 0.5,
+    ) -> MaskPrediction:
+        """Every instance of a concept given by text and/or exemplar boxes (xyxy pixels), score > threshold."""
+        out, keep, scores = self._detect(embedding, text, exemplar_boxes, threshold)
+        return MaskPrediction(out.pred_masks[0][keep.to(self.device)].float().sigmoid(), scores, 0.5)
+
+    @torch.inference_mode()
+    def detect_boxes(
+        self, embedding: ImageEmbedding, text: str, threshold: float = 0.5
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The detector's boxes [N, 4] (xyxy image pixels, float32) for every instance of `text`, best first."""
+        out, keep, scores = self._detect(embedding, text, (), threshold)
+        height, width = embedding.image_size
+        boxes = out.pred_boxes[0][keep.to(self.device)].float().cpu() * torch.tensor([width, height, width, height])
+        return boxes.numpy(), scores.numpy()
 
     @torch.inference_mode()
     def tracker_features(self, embedding: ImageEmbedding) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 from models.sam3.checkpoint import CheckpointError, KeyReport
 from models.sam3d_body.config import Sam3DBodyConfig
-from models.sam3d_body.heads import BodyModel
+from models.sam3d_body.heads import NUM_FACE, NUM_JOINTS, NUM_SHAPE, NUM_VERTICES, BodyModel
 from models.sam3d_body.sam3d_body import Sam3DBody
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ def read_checkpoint(path: Path, trusted_root: Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: Sam3DBodyConfig, state: dict[str, torch.Tensor]) -> tuple[Sam3DBody, KeyReport]:
-    """Build on the meta device and take every tensor from `state`, cast to the model's dtype."""
+    """Build on the meta device and take every tensor from `state`, cast to the model's dtype.
+
+    Consumes `state`: each tensor is dropped once cast, so the checkpoint and the model are not
+    both in memory at full size.
+    """
     with torch.device("meta"):
         model = Sam3DBody(config)
     expected = model.state_dict()
@@ -64,7 +68,7 @@ def build_model(config: Sam3DBodyConfig, state: dict[str, torch.Tensor]) -> tupl
     )
     if not report.ok:
         raise CheckpointError(f"checkpoint does not match {config.backbone_type} config: {report.describe()}")
-    cast = {k: state[k].to(expected[k].dtype) for k in expected if k in state}
+    cast = {k: state.pop(k).to(expected[k].dtype) for k in expected if k in state}
     model.load_state_dict(cast, strict=False, assign=True)
     # What the checkpoint does not hold: the zero mask token and the normalisation constants.
     for name in NOT_IN_CHECKPOINT:
@@ -105,3 +109,18 @@ def load_sam3d_body(
     model.head_pose.body_model = body_model
     model.head_pose_hand.body_model = body_model
     return model
+
+
+def verify_sam3d_body(folder: Path) -> str:
+    """Check a release folder without building the model on a device: keys, shapes, and MHR's interface."""
+    config = Sam3DBodyConfig.from_yaml(folder / CONFIG_FILE)
+    _, report = build_model(config, read_checkpoint(folder / CHECKPOINT_FILE, trusted_root=folder))
+    body_model = BodyModel.load(folder / MHR_FILE, "cpu")
+    with torch.inference_mode():
+        verts, joints, _ = body_model(torch.zeros(1, NUM_SHAPE), torch.zeros(1, 204), torch.zeros(1, NUM_FACE))
+    if verts.shape != (1, NUM_VERTICES, 3) or joints.shape != (1, NUM_JOINTS, 3):
+        raise CheckpointError(
+            f"{folder / MHR_FILE}: returns {tuple(verts.shape)} vertices and {tuple(joints.shape)} joints, "
+            f"expected (1, {NUM_VERTICES}, 3) and (1, {NUM_JOINTS}, 3)"
+        )
+    return f"{report.describe()}; MHR body model returns {NUM_VERTICES} vertices and {NUM_JOINTS} joints"
