@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench bench-body
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(VENV)/bin/python -m benchmarks.sam3_image $(ARGS)
+
+bench-body: $(INSTALLED)
+	$(VENV)/bin/python -m benchmarks.sam3d_body $(ARGS)

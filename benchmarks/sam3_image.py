@@ -13,13 +13,8 @@ benchmarks/results/sam3_image.{json,md}.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
-import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,25 +22,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
+from benchmarks.common import RESULTS, SHARED, b64, device_name, start, worker_peak_rss
 from tests.server_process import ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
-BPE = REPO.parent / "shared" / "fixtures" / "sam3" / "bpe_simple_vocab_16e6.txt.gz"
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    return f"CPU: {model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+BPE = SHARED / "fixtures" / "sam3" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def images(count: int, seed: int) -> list[np.ndarray]:
@@ -54,37 +35,11 @@ def images(count: int, seed: int) -> list[np.ndarray]:
     return [(rng.random((768, 1024, 3)) * 255).astype(np.uint8) for _ in range(count)]
 
 
-def b64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def v1(server: ServerProcess, body: dict) -> float:
     start = time.perf_counter()
     response = httpx.post(f"{server.url}/v1/sam3-image", json=body, timeout=600)
     response.raise_for_status()
     return time.perf_counter() - start
-
-
-def worker_peak_rss(server: ServerProcess) -> list[float]:
-    """VmHWM (GiB) of the server's spawned inference workers."""
-    pids = subprocess.run(["pgrep", "-s", str(server.process.pid)], capture_output=True, text=True).stdout.split()
-    peaks = []
-    for pid in pids:
-        try:
-            if b"spawn_main" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            continue
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
-        peaks.append(round(kib / 2**20, 2))
-    return peaks
-
-
-def start(weights: Path, data: Path, *args: str) -> ServerProcess:
-    return ServerProcess(weights, data, *args, threads=None).start()
 
 
 def latency_vs_in_process(weights: Path, work: Path, repeats: int) -> dict:

@@ -36,15 +36,23 @@ def _tolerance(key: str) -> float:
 
 
 def _load_masks(folder: Path, spec: object, count: int, size: tuple[int, int]) -> np.ndarray | None:
-    """Masks named in input.json: one .npy [N, H, W], or image file(s), one per box; nonzero = person."""
+    """Masks named in input.json: one .npy/.npz [N, H, W], or image file(s), one per box.
+
+    Values are passed on as stored (uint8), as the official estimator takes them: it casts to uint8
+    and expects 0/1.
+    """
     if spec is None:
         return None
+    if isinstance(spec, dict):  # {"file": ..., ...}
+        spec = spec.get("file") or spec.get("path") or spec.get("files")
     names = spec if isinstance(spec, list) else [spec]
-    if len(names) == 1 and str(names[0]).endswith(".npy"):
-        masks = np.load(folder / names[0])
+    if len(names) == 1 and str(names[0]).endswith((".npy", ".npz")):
+        loaded = np.load(folder / names[0])
+        masks = loaded[loaded.files[0]] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     else:
         masks = np.stack([np.array(Image.open(folder / n).convert("L")) for n in names])
-    masks = (masks.reshape(-1, size[1], size[0]) > 0).astype(np.uint8)
+    masks = masks.reshape(-1, size[1], size[0]).astype(np.uint8)
+    print(f"masks: {masks.shape}, values {np.unique(masks).tolist()[:8]}")
     if len(masks) != count:
         raise SystemExit(f"{folder}: {len(masks)} masks for {count} boxes")
     return masks
@@ -58,8 +66,9 @@ def run_sam3d_body(folder: Path) -> list[tuple[str, float, float]]:
     spec = json.loads((folder / "input.json").read_text())
     image = np.array(Image.open(folder / spec["image"]).convert("RGB"))
     boxes = np.asarray(spec["bboxes_xyxy"], dtype=np.float32)
-    masks = _load_masks(folder, spec.get("mask"), len(boxes), (image.shape[1], image.shape[0]))
-    cam_int = None if spec.get("cam_int") is None else np.asarray(spec["cam_int"], dtype=np.float32)
+    mask_spec = spec.get("mask", spec.get("masks"))
+    masks = _load_masks(folder, mask_spec, len(boxes), (image.shape[1], image.shape[0]))
+    cam_int = None if spec.get("cam_int") is None else np.asarray(spec["cam_int"], dtype=np.float32).reshape(3, 3)
     model = load_sam3d_body(folder, mhr_path=folder / "mhr_stub.pt")
     predictor = Sam3DBodyPredictor(model)
     request = BodyRequest(image, boxes, masks, cam_int)
