@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -239,29 +239,12 @@ class Dinov3Backbone(nn.Module):
 
     input_crop = 0
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        ffn_ratio: float,
-        ffn_layer: FfnLayer,
-        patch_size: int = 16,
-        num_storage_tokens: int = 4,
-    ) -> None:
+    def __init__(self, **trunk: Any) -> None:
+        """`trunk`: the arguments of `Dinov3VisionTransformer` (width, depth, heads, FFN type...)."""
         super().__init__()
-        self.encoder = Dinov3VisionTransformer(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            ffn_ratio=ffn_ratio,
-            ffn_layer=ffn_layer,
-            patch_size=patch_size,
-            num_storage_tokens=num_storage_tokens,
-        )
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
+        self.encoder = Dinov3VisionTransformer(**trunk)
+        self.embed_dim = self.encoder.embed_dim
+        self.patch_size = self.encoder.patch_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.encoder.patch_embed.proj.weight.dtype

@@ -79,10 +79,11 @@ class LayerNorm2d(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype."""
+    """LayerNorm evaluated in float32 (input and affine parameters upcast); returns the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

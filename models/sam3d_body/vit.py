@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm evaluated in float32 (input and affine parameters upcast); returns the input's dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+from models.sam3d_body.dinov3 import Mlp
+from models.sam3d_body.transformer import LayerNorm32
 
 
 class ViTAttention(nn.Module):
@@ -40,18 +35,6 @@ class ViTAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class ViTMlp(nn.Module):
-    """`fc2(gelu(fc1(x)))` with the exact (erf) GELU."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class ViTBlock(nn.Module):
     """Pre-norm transformer block (no LayerScale)."""
 
@@ -60,7 +43,7 @@ class ViTBlock(nn.Module):
         self.norm1 = LayerNorm32(dim)
         self.attn = ViTAttention(dim, num_heads)
         self.norm2 = LayerNorm32(dim)
-        self.mlp = ViTMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
