@@ -149,7 +149,7 @@ class Sam3DBodyParams(BaseModel):
     detection_threshold: float = Field(0.5, ge=0.05, le=1.0, description="Minimum SAM 3 score of a person.")
     max_people: int = Field(20, ge=1, le=100, description="Reconstruct at most this many people, best scores first.")
     focal_length: float | None = Field(
-        None, gt=0, description="Camera focal length in pixels. Default: the image diagonal, as the release."
+        None, ge=1, le=1e6, description="Camera focal length in pixels. Default: the image diagonal, as the release."
     )
     return_smplx: bool = Field(
         False,

@@ -24,7 +24,34 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=1024, le=65535, description="Port to listen on.")
     weights_dir: Path = Field(Path("weights"), description="Directory of weight sets (see weights/README.md).")
     data_dir: Path = Field(Path("data"), description="Job database, inputs and output files.")
+    jobs: str = Field(
+        "sqlite",
+        description="Job store: sqlite (DATA_DIR/jobs.sqlite3, one machine) or a redis:// URL that several "
+        "replicas share (run Redis with appendonly yes).",
+        pattern=r"^(sqlite|rediss?://.+)$",
+    )
+    artifacts: str | None = Field(
+        None,
+        description="Where output files go: a directory (default DATA_DIR/files; give a shared path to share it "
+        "between replicas) or s3://BUCKET/PREFIX (served by presigned URLs).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of S3-compatible storage (MinIO, Ceph...); AWS credentials from the environment."
+    )
+    lease_seconds: float = Field(
+        30, ge=2, description="Redis store: seconds a replica holds the jobs it runs; a dead replica's jobs move after."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="Devices to run workers on, e.g. cuda:0 (repeat the flag; comma-separated in the variable). "
+        "Default: every GPU with --device auto/cuda, else the CPU. cpu:N names extra CPU worker groups.",
+    )
+    placement: list[str] = Field(
+        default_factory=list,
+        description="MODEL=DEVICE[+DEVICE...]: load MODEL only there, e.g. sam3-image=all, sam-3d-body=cuda:1 "
+        "(repeat the flag). Default: every model on every device.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Model precision. auto: bfloat16 on CUDA, float32 on CPU."
     )
@@ -57,6 +84,14 @@ class ServeConfig(BaseModel):
         "full", description="sam-3d-body default: full refines both hands (slower), body runs one body pass."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or one JSON object per line (ts, level, logger, message, pid, request_id) "
+        "from every process.",
+    )
+    metrics_require_key: bool = Field(
+        False, description="Require the API key on /metrics too (open by default, like /health, for scrapers)."
+    )
 
     @property
     def jobs_db(self) -> Path:

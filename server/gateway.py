@@ -6,6 +6,7 @@ shapes onto this (Segmind now; fal and WaveSpeed are further views of the same j
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import multiprocessing.synchronize
@@ -20,13 +21,14 @@ from litserve.utils import ResponseBufferItem
 from pydantic import BaseModel, ValidationError
 
 from pipeline.registry import TASKS, TaskSpec
-from server.artifacts import ArtifactStore, new_token
+from server import observability
+from server.artifacts import ArtifactStore, S3ArtifactStore, new_token
 from server.auth import ApiKeys
 from server.config import ServeConfig
 from server.images import ImageInputError, ImageLimits, binary_mask, content_key, load_image
 from server.jobs import Job, JobStore, QueueFull, new_job_id
+from server.placement import Placement
 from server.weights import MANIFEST
-from server.worker import WORKER_PATH
 
 
 @dataclass
@@ -69,19 +71,21 @@ class Gateway:
         self,
         config: ServeConfig,
         store: JobStore,
-        artifacts: ArtifactStore,
+        artifacts: ArtifactStore | S3ArtifactStore,
         keys: ApiKeys,
         draining: multiprocessing.synchronize.Event,
         server: ls.LitServer,
+        placement: Placement,
     ) -> None:
         self.config = config
         self.store = store
         self.artifacts = artifacts
         self.keys = keys
         self.draining = draining
-        self.server = server  # the LitServer, for its request queue and response buffer
-        self.inputs = config.data_dir / "inputs"
-        self.inputs.mkdir(parents=True, exist_ok=True)
+        self.server = server  # the LitServer, for its request queues and response buffer
+        self.placement = placement
+        # With a shared (Redis) store, work reaches the workers through the replicas' pullers instead.
+        self.distributed = config.jobs != "sqlite"
         self.weight_sets = weight_sets(config)
         self.missing = missing_weights(config)
         self.limits = ImageLimits(
@@ -171,8 +175,8 @@ class Gateway:
                 validated = validated.model_copy(update={name: None})  # stored beside the image instead
 
         job_id = new_job_id()
-        input_path = self.inputs / f"{job_id}.npz"
-        key = await asyncio.to_thread(self._save_input, input_path, pixels, masks)
+        observability.set_request_id(job_id)  # the rest of this HTTP request logs with it
+        data, key = await asyncio.to_thread(self._pack_input, pixels, masks)
         payload = {
             "params": validated.model_dump(mode="json"),
             "image_key": key,
@@ -183,7 +187,7 @@ class Gateway:
                 self.store.submit,
                 model,
                 payload,
-                str(input_path),
+                data,
                 new_token(),
                 self.config.job_timeout,
                 self.config.retention,
@@ -191,9 +195,10 @@ class Gateway:
                 job_id,
             )
         except QueueFull as full:
-            input_path.unlink(missing_ok=True)
             raise self._queue_full(full.depth) from None
-        return job, self.dispatch(job.id, consumer_id, wait)
+        if self.distributed:  # replicas pull their work from the shared queue; a v1 caller polls the store
+            return job, None
+        return job, self.dispatch(job.id, model, consumer_id, wait)
 
     async def _load_mask(self, name: str, source: str, size: tuple[int, int]) -> np.ndarray:
         try:
@@ -202,10 +207,12 @@ class Gateway:
             raise ApiError(400, f"{name}: {exc}") from None
 
     @staticmethod
-    def _save_input(path: Path, pixels: np.ndarray, masks: dict[str, np.ndarray]) -> str:
-        """One .npz per job: the decoded image, and the decoded masks under their parameter names."""
-        np.savez(path, image=pixels, **masks)
-        return content_key(pixels)
+    def _pack_input(pixels: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[bytes, str]:
+        """The job's input as one .npz (the decoded image, the decoded masks under their parameter names),
+        and the image's content key."""
+        buffer = io.BytesIO()
+        np.savez(buffer, image=pixels, **masks)
+        return buffer.getvalue(), content_key(pixels)
 
     def _queue_full(self, depth: int) -> ApiError:
         per_job = self.store.recent_inference_time() or 1.0
@@ -214,30 +221,41 @@ class Gateway:
             429, f"Too many jobs ({depth} waiting or running); retry later", {"Retry-After": str(retry_after)}
         )
 
-    def dispatch(self, job_id: str, consumer_id: int, wait: bool = False) -> asyncio.Event | None:
-        """Hand a job to the workers through LitServe's queue; answers for unregistered ids are dropped."""
+    def dispatch(self, job_id: str, model: str, consumer_id: int, wait: bool = False) -> asyncio.Event | None:
+        """Hand a job to the least busy device group holding its model, through LitServe's queue.
+
+        LitServe drops answers for ids nobody registered; `wait` registers one for this front end.
+        """
         event = None
         if wait:
             event = asyncio.Event()
             self.server.response_buffer[job_id] = ResponseBufferItem(event=event)
-        self.server.litapi_request_queues[WORKER_PATH].put((consumer_id, job_id, time.monotonic(), {"job_id": job_id}))
+        queues = self.server.litapi_request_queues
+        path = min(self.placement.paths_for(model), key=lambda p: queues[p].qsize())
+        queues[path].put((consumer_id, job_id, time.monotonic(), {"job_id": job_id}))
         return event
 
-    async def wait_finished(self, job_id: str, event: asyncio.Event) -> Job:
+    async def wait_finished(self, job_id: str, event: asyncio.Event | None) -> Job:
         """Until the job is COMPLETED or FAILED. The worker's answer wakes us at once; the store is
-        checked every second too, for jobs the watchdog or a worker crash ended instead."""
+        checked every second too, for jobs the watchdog or a worker crash ended instead. Without an
+        event (the job may run on another replica) the store is polled, 20 ms apart at first."""
+        interval = 0.02
         try:
             while True:
-                try:
-                    await asyncio.wait_for(event.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+                if event is None:
+                    await asyncio.sleep(interval)
+                    interval = min(interval * 1.5, 0.5)
+                else:
+                    try:
+                        await asyncio.wait_for(event.wait(), timeout=1.0)
+                    except TimeoutError:
+                        pass
                 job = await asyncio.to_thread(self.store.get, job_id)
                 if job is None:
                     raise ApiError(404, f"Request {job_id} not found")
                 if job.finished:
                     return job
-                if event.is_set():  # answered without starting it: the server is draining
+                if event is not None and event.is_set():  # answered without starting it: the server is draining
                     raise ApiError(
                         503,
                         f"Server is shutting down; request {job_id} stays queued and runs after the restart",
@@ -247,6 +265,7 @@ class Gateway:
             self.server.response_buffer.pop(job_id, None)
 
     async def job(self, job_id: str) -> Job:
+        observability.set_request_id(job_id)
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             raise ApiError(404, f"Request {job_id} not found")
@@ -260,7 +279,7 @@ class Gateway:
         return str(request.base_url).rstrip("/")
 
     def file_url(self, base: str, job: Job, name: str) -> str:
-        return f"{base}/files/{job.files_token}/{name}"
+        return self.artifacts.url(base, job.files_token, name, job.expires_at)
 
     def file_object(self, base: str, job: Job, name: str) -> dict:
         info = job.result["files"][name]
@@ -271,9 +290,10 @@ class Gateway:
             "file_size": info["size"],
         }
 
-    def primary_file(self, job: Job) -> tuple[Path, str] | None:
+    def primary_file(self, job: Job) -> tuple[Path | bytes, str] | None:
+        """The primary output, as a local path when the files are on disk, else its bytes; and its type."""
         name = job.result.get("primary") if job.result else None
         if not name:
             return None
-        path = self.artifacts.path(job.files_token, name)
-        return (path, job.result["files"][name]["content_type"]) if path else None
+        found = self.artifacts.path(job.files_token, name) or self.artifacts.read(job.files_token, name)
+        return (found, job.result["files"][name]["content_type"]) if found else None

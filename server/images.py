@@ -124,6 +124,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageInputError("not a supported image format") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # a corrupt header, or metadata over Pillow's limits
+        raise ImageInputError(f"cannot decode the image (truncated or corrupt): {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageInputError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")

@@ -1,4 +1,4 @@
-"""Durable jobs in SQLite, shared by every front-end and worker process of the server.
+"""Durable jobs, shared by every front-end and worker process (and, on Redis, every replica).
 
 One state machine serves every contract:
 
@@ -9,6 +9,10 @@ One state machine serves every contract:
 Each transition is a single guarded UPDATE (`WHERE state IN (...)`), so a late or duplicated
 writer (a worker finishing after the watchdog failed its job, a job dispatched twice) changes
 nothing. A job is kept `retention` seconds after submission, then deleted with its files.
+
+Two stores implement it: `SqliteJobStore` (the default, one machine) and
+`server.redis_store.RedisJobStore` (several replicas sharing one Redis). A store also keeps each
+job's decoded input until the job ends.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 # A job interrupted twice by a server restart is not run a third time: it may be what kills it.
 MAX_ATTEMPTS = 2
@@ -79,6 +84,7 @@ class Job:
     worker_pid: int | None
     result: dict | None
     error: str | None
+    owner: str | None = None  # the replica running it (Redis store only)
 
     @property
     def finished(self) -> bool:
@@ -114,12 +120,48 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-class JobStore:
-    """SQLite-backed job store; safe to use from many threads and processes at once."""
+class JobStore(Protocol):
+    """What the gateway, the workers and the janitor need from a store (SQLite or Redis)."""
 
-    def __init__(self, path: Path) -> None:
+    def submit(
+        self,
+        model: str,
+        payload: dict,
+        input_data: bytes | None,
+        files_token: str,
+        job_timeout: float,
+        retention: float,
+        max_queue: int,
+        job_id: str | None = None,
+    ) -> Job: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def start(self, job_ids: list[str], worker_pid: int) -> list[Job]: ...
+    def complete(self, job_id: str, result: dict) -> bool: ...
+    def fail(self, job_id: str, error: str) -> bool: ...
+    def read_input(self, job: Job) -> bytes: ...
+    def release_input(self, job: Job) -> None: ...
+    def unfinished(self) -> int: ...
+    def active(self) -> int: ...
+    def fail_overdue(self) -> list[Job]: ...
+    def fail_orphans(self, worker_alive: Callable[[int], bool]) -> list[Job]: ...
+    def recover(self) -> tuple[list[str], list[str]]: ...
+    def queued_ids(self) -> list[str]: ...
+    def expire(self) -> list[Job]: ...
+    def counts(self) -> dict[str, int]: ...
+    def recent_inference_time(self, limit: int = 20) -> float | None: ...
+
+
+class SqliteJobStore:
+    """SQLite-backed job store; safe to use from many threads and processes at once.
+
+    Inputs are files in `inputs_dir`, one per job.
+    """
+
+    def __init__(self, path: Path, inputs_dir: Path | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.inputs_dir = Path(inputs_dir) if inputs_dir else self.path.parent / "inputs"
+        self.inputs_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
 
@@ -149,16 +191,40 @@ class JobStore:
         self,
         model: str,
         payload: dict,
-        input_path: str | None,
+        input_data: bytes | None,
         files_token: str,
         job_timeout: float,
         retention: float,
         max_queue: int,
         job_id: str | None = None,
     ) -> Job:
-        """Create a QUEUED job, or raise QueueFull when `max_queue` jobs are unfinished."""
+        """Create a QUEUED job with its input, or raise QueueFull when `max_queue` jobs are unfinished."""
         now = time.time()
         job_id = job_id or new_job_id()
+        input_path = None
+        if input_data is not None:
+            input_path = str(self.inputs_dir / f"{job_id}.npz")
+            Path(input_path).write_bytes(input_data)
+        try:
+            self._insert(job_id, model, payload, input_path, files_token, now, job_timeout, retention, max_queue)
+        except QueueFull:
+            if input_path:
+                Path(input_path).unlink(missing_ok=True)
+            raise
+        return self.get(job_id)
+
+    def _insert(
+        self,
+        job_id: str,
+        model: str,
+        payload: dict,
+        input_path: str | None,
+        files_token: str,
+        now: float,
+        job_timeout: float,
+        retention: float,
+        max_queue: int,
+    ) -> None:
         with self._tx() as db:
             (depth,) = db.execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
             if depth >= max_queue:
@@ -178,11 +244,25 @@ class JobStore:
                     now + retention,
                 ),
             )
-        return self.get(job_id)
+
+    def read_input(self, job: Job) -> bytes:
+        """The job's decoded input (an .npz archive) as the gateway stored it."""
+        if not job.input_path:
+            raise FileNotFoundError(f"job {job.id} has no stored input")
+        return Path(job.input_path).read_bytes()
+
+    def release_input(self, job: Job) -> None:
+        """Drop the job's input: it ended, or expired."""
+        if job.input_path:
+            Path(job.input_path).unlink(missing_ok=True)
 
     def unfinished(self) -> int:
         (depth,) = self._connection().execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
         return depth
+
+    def active(self) -> int:
+        """Jobs running on this server (here: every PROCESSING job; the store serves one server)."""
+        return self.counts()[JobState.PROCESSING.value]
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention."""

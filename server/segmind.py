@@ -133,8 +133,10 @@ def build_router(gateway: Gateway) -> APIRouter:
             primary = gateway.primary_file(job)
             if primary is None:  # the request asked for no image output: answer with the data
                 return JSONResponse(result_body(job, base), headers=headers)
-            path, content_type = primary
-            return FileResponse(path, media_type=content_type, headers=headers)
+            found, content_type = primary
+            if isinstance(found, bytes):
+                return Response(found, media_type=content_type, headers=headers)
+            return FileResponse(found, media_type=content_type, headers=headers)
 
         for path, handler, summary in (
             (f"/v2/{spec.name}", submit_async, f"Submit a {spec.name} job"),

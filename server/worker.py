@@ -12,25 +12,26 @@ fails the whole batch, and one that cannot be pickled kills the worker).
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import multiprocessing.synchronize
 import os
 import signal
 from collections import defaultdict
-from pathlib import Path
 
 import litserve as ls
 import numpy as np
 
 from pipeline.registry import TASKS
 from pipeline.task import TaskInput, TaskOutput
-from server.artifacts import ArtifactStore
+from server import observability
 from server.config import ServeConfig
-from server.jobs import Job, JobStore
+from server.jobs import Job, JobState
+from server.placement import torch_device
+from server.stores import open_artifact_store, open_job_store
 
 log = logging.getLogger(__name__)
-
-WORKER_PATH = "/internal/worker"  # LitServe's own route for it is removed; contracts enqueue directly
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -40,29 +41,39 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class ModelWorker(ls.LitAPI):
-    def __init__(self, config: ServeConfig, weight_sets: set[str], draining: multiprocessing.synchronize.Event) -> None:
-        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, api_path=WORKER_PATH)
+    """The workers of one device: they load the weight sets of the models placed there."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        weight_sets: set[str],
+        draining: multiprocessing.synchronize.Event,
+        replica: str,
+        api_path: str,
+    ) -> None:
+        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, api_path=api_path)
         self.config = config
+        self.replica = replica
         self.weight_sets = weight_sets
         self.draining = draining
 
     def setup(self, device: str) -> None:
+        """`device` is the placement's name for it (`cuda:1`, `cpu:0`); jobs report it in their metrics."""
         import torch
 
         from pipeline.runtime import Runtime
 
         # Ctrl+C reaches the whole process group: the main process drains, workers finish their batch.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        logging.basicConfig(
-            level=self.config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        self.store = JobStore(self.config.jobs_db)
-        self.artifacts = ArtifactStore(self.config.data_dir / "files")
+        observability.configure_logging(self.config.log_format, self.config.log_level)
+        self.store = open_job_store(self.config, self.replica)
+        self.artifacts = open_artifact_store(self.config)
+        self.device = device
         dtype = getattr(torch, resolve_dtype(self.config.dtype, device))
         self.runtime = Runtime(
             self.config.weights_dir,
             self.weight_sets,
-            device=device,
+            device=torch_device(device),
             dtype=dtype,
             embedding_cache_size=self.config.embedding_cache_size,
             max_batch_size=self.config.max_batch_size,
@@ -85,7 +96,8 @@ class ModelWorker(ls.LitAPI):
         for job in jobs:
             by_model[job.model].append(job)
         for model, group in by_model.items():
-            self._run_batch(model, group)
+            with observability.request_context(job.id for job in group):
+                self._run_batch(model, group)
         answers = [{"job_id": i, "started": True} for i in ids]
         return answers if batched else answers[0]
 
@@ -98,7 +110,7 @@ class ModelWorker(ls.LitAPI):
             saved[name] = {"content_type": content_type, "size": size}
 
         spec = TASKS[job.model]
-        with np.load(job.input_path) as stored:
+        with np.load(io.BytesIO(self.store.read_input(job))) as stored:
             image = stored["image"]
             masks = {name: stored[name] for name in spec.mask_params if name in stored.files}
         params = spec.params.model_validate(job.payload["params"])
@@ -112,7 +124,7 @@ class ModelWorker(ls.LitAPI):
             try:
                 ready.append((job, self._prepare(job, saved[job.id])))
             except Exception as exc:
-                log.exception("job %s: unreadable input", job.id)
+                log.exception("job %s: unreadable input", job.id, extra={"request_id": job.id})
                 self._finish(job, error=f"Could not read the job's input: {type(exc).__name__}: {exc}")
         if not ready:
             return
@@ -122,7 +134,8 @@ class ModelWorker(ls.LitAPI):
             if len(ready) > 1:
                 log.warning("batch of %d %s jobs failed (%s); running them one by one", len(ready), model, exc)
                 for job, _ in ready:
-                    self._run_batch(model, [job])
+                    with observability.request_context([job.id]):
+                        self._run_batch(model, [job])
                 return
             job = ready[0][0]
             log.exception("job %s failed", job.id)
@@ -148,12 +161,30 @@ class ModelWorker(ls.LitAPI):
                 "metrics": {
                     **output.metrics,
                     "batch_size": batch_size,
+                    "device": self.device,
                     "stages": {"decode": job.payload["decode_seconds"], **output.metrics.get("stages", {})},
                 },
             }
-            if not self.store.complete(job.id, result):
-                self.artifacts.delete(job.files_token)  # the watchdog failed it meanwhile
+            if not _json_finite(result):  # NaN/inf cannot be sent as JSON: fail now, not at every result poll
+                self.artifacts.delete(job.files_token)
+                output, error = None, "The model produced non-finite numbers (NaN or infinity) for this input"
+        if output is not None:
+            recorded = self.store.complete(job.id, result)
+            if not recorded:
+                now = self.store.get(job.id)
+                if now is None or now.state is JobState.FAILED:
+                    self.artifacts.delete(job.files_token)  # the watchdog failed it meanwhile
+                # else another replica completed it first (it was re-run after a lapsed lease): same files
         else:
-            self.store.fail(job.id, error)
-        if job.input_path:
-            Path(job.input_path).unlink(missing_ok=True)
+            result, recorded = None, self.store.fail(job.id, error)
+        if recorded:  # else the watchdog (or another replica) finished it first, and counted it
+            observability.job_finished(job, result and result["metrics"], error, self.device)
+        self.store.release_input(job)
+
+
+def _json_finite(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True

@@ -7,18 +7,18 @@ import time
 
 import pytest
 
-from server.jobs import MAX_ATTEMPTS, JobState, JobStore, QueueFull
+from server.jobs import MAX_ATTEMPTS, JobState, QueueFull, SqliteJobStore
 
 
-def make(store: JobStore, timeout: float = 60, retention: float = 3600, max_queue: int = 100) -> str:
+def make(store: SqliteJobStore, timeout: float = 60, retention: float = 3600, max_queue: int = 100) -> str:
     return store.submit(
         "sam3-image", {"params": {}, "image_key": "k"}, None, "t" * 32, timeout, retention, max_queue
     ).id
 
 
 @pytest.fixture
-def store(tmp_path) -> JobStore:
-    return JobStore(tmp_path / "jobs.sqlite3")
+def store(tmp_path) -> SqliteJobStore:
+    return SqliteJobStore(tmp_path / "jobs.sqlite3")
 
 
 def test_lifecycle_and_metrics(store):
@@ -54,7 +54,7 @@ def test_queue_is_bounded(store):
 
 
 def _submit_many(path, count, results):
-    store = JobStore(path)
+    store = SqliteJobStore(path)
     accepted = 0
     for _ in range(count):
         try:
@@ -67,7 +67,7 @@ def _submit_many(path, count, results):
 
 def test_the_bound_holds_across_processes(tmp_path):
     path = tmp_path / "jobs.sqlite3"
-    JobStore(path)
+    SqliteJobStore(path)
     results = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=_submit_many, args=(path, 8, results)) for _ in range(4)]
     for p in procs:
@@ -75,7 +75,7 @@ def test_the_bound_holds_across_processes(tmp_path):
     for p in procs:
         p.join(60)
     assert sum(results.get(timeout=5) for _ in procs) == 10
-    assert JobStore(path).counts()["QUEUED"] == 10
+    assert SqliteJobStore(path).counts()["QUEUED"] == 10
 
 
 def test_watchdog_fails_overdue_jobs_queued_or_running(store):
