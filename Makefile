@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test lint bench bench-body
+.PHONY: serve test lint bench bench-body redis-server
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(INSTALLED): pyproject.toml
 serve: $(INSTALLED)
 	$(VENV)/bin/sam3-serve serve $(ARGS)
 
-test: $(INSTALLED)
+test: $(INSTALLED) redis-server
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The Redis tests start Debian's redis-server themselves; install it when the machine lacks it.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
