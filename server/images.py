@@ -95,6 +95,9 @@ def decode_base64(value: str) -> bytes:
     """Raw base64 or a `data:<mime>;base64,` URI."""
     match = DATA_URI.match(value)
     if match:
+        mime = match.group("mime")
+        if mime and not mime.lower().startswith("image/"):
+            raise ImageInputError(f"data URI declares {mime!r}, not an image type")
         if not match.group("b64"):
             raise ImageInputError("data URI must be base64-encoded (data:<mime>;base64,...)")
         value = value[match.end() :]
