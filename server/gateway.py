@@ -26,7 +26,7 @@ from server.artifacts import ArtifactStore, S3ArtifactStore, new_token
 from server.auth import ApiKeys
 from server.config import ServeConfig
 from server.images import ImageInputError, ImageLimits, binary_mask, content_key, load_image
-from server.jobs import Job, JobStore, QueueFull, new_job_id
+from server.jobs import Job, JobStore, NewJob, QueueFull, new_job_id
 from server.placement import Placement
 from server.weights import MANIFEST
 
@@ -183,17 +183,8 @@ class Gateway:
             "decode_seconds": round(time.perf_counter() - started, 4),  # fetch, decode and store the image
         }
         try:
-            job = await asyncio.to_thread(
-                self.store.submit,
-                model,
-                payload,
-                data,
-                new_token(),
-                self.config.job_timeout,
-                self.config.retention,
-                self.config.max_queue,
-                job_id,
-            )
+            new = NewJob(model, payload, data, new_token(), self.config.job_timeout, self.config.retention, job_id)
+            job = await asyncio.to_thread(self.store.submit, new, self.config.max_queue)
         except QueueFull as full:
             raise self._queue_full(full.depth) from None
         if self.distributed:  # replicas pull their work from the shared queue; a v1 caller polls the store

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -120,20 +120,23 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create: what it runs, on what input, and how long it may wait and be kept."""
+
+    model: str
+    payload: dict  # {"params": validated model parameters, "image_key": content hash of the input, ...}
+    input_data: bytes | None  # the decoded input (.npz), kept by the store until the job ends
+    files_token: str
+    job_timeout: float
+    retention: float
+    id: str = field(default_factory=new_job_id)
+
+
 class JobStore(Protocol):
     """What the gateway, the workers and the janitor need from a store (SQLite or Redis)."""
 
-    def submit(
-        self,
-        model: str,
-        payload: dict,
-        input_data: bytes | None,
-        files_token: str,
-        job_timeout: float,
-        retention: float,
-        max_queue: int,
-        job_id: str | None = None,
-    ) -> Job: ...
+    def submit(self, new: NewJob, max_queue: int) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def start(self, job_ids: list[str], worker_pid: int) -> list[Job]: ...
     def complete(self, job_id: str, result: dict) -> bool: ...
@@ -187,63 +190,38 @@ class SqliteJobStore:
             raise
         db.execute("COMMIT")
 
-    def submit(
-        self,
-        model: str,
-        payload: dict,
-        input_data: bytes | None,
-        files_token: str,
-        job_timeout: float,
-        retention: float,
-        max_queue: int,
-        job_id: str | None = None,
-    ) -> Job:
+    def submit(self, new: NewJob, max_queue: int) -> Job:
         """Create a QUEUED job with its input, or raise QueueFull when `max_queue` jobs are unfinished."""
         now = time.time()
-        job_id = job_id or new_job_id()
         input_path = None
-        if input_data is not None:
-            input_path = str(self.inputs_dir / f"{job_id}.npz")
-            Path(input_path).write_bytes(input_data)
+        if new.input_data is not None:
+            input_path = self.inputs_dir / f"{new.id}.npz"
+            input_path.write_bytes(new.input_data)
         try:
-            self._insert(job_id, model, payload, input_path, files_token, now, job_timeout, retention, max_queue)
+            with self._tx() as db:
+                (depth,) = db.execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
+                if depth >= max_queue:
+                    raise QueueFull(depth)
+                db.execute(
+                    "INSERT INTO jobs (id, model, state, payload, input_path, files_token, created_at, deadline,"
+                    " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new.id,
+                        new.model,
+                        JobState.QUEUED,
+                        json.dumps(new.payload),
+                        str(input_path) if input_path else None,
+                        new.files_token,
+                        now,
+                        now + new.job_timeout,
+                        now + new.retention,
+                    ),
+                )
         except QueueFull:
             if input_path:
-                Path(input_path).unlink(missing_ok=True)
+                input_path.unlink(missing_ok=True)
             raise
-        return self.get(job_id)
-
-    def _insert(
-        self,
-        job_id: str,
-        model: str,
-        payload: dict,
-        input_path: str | None,
-        files_token: str,
-        now: float,
-        job_timeout: float,
-        retention: float,
-        max_queue: int,
-    ) -> None:
-        with self._tx() as db:
-            (depth,) = db.execute(COUNT_UNFINISHED, UNFINISHED).fetchone()
-            if depth >= max_queue:
-                raise QueueFull(depth)
-            db.execute(
-                "INSERT INTO jobs (id, model, state, payload, input_path, files_token, created_at, deadline,"
-                " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    model,
-                    JobState.QUEUED,
-                    json.dumps(payload),
-                    input_path,
-                    files_token,
-                    now,
-                    now + job_timeout,
-                    now + retention,
-                ),
-            )
+        return self.get(new.id)
 
     def read_input(self, job: Job) -> bytes:
         """The job's decoded input (an .npz archive) as the gateway stored it."""

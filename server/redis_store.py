@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import redis
 
-from server.jobs import MAX_ATTEMPTS, Job, JobState, QueueFull, new_job_id
+from server.jobs import MAX_ATTEMPTS, Job, JobState, NewJob, QueueFull
 
 GROUP = "workers"
 RECENT = 20
@@ -128,38 +128,27 @@ class RedisJobStore:
 
     # -- the state machine ---------------------------------------------------------------------
 
-    def submit(
-        self,
-        model: str,
-        payload: dict,
-        input_data: bytes | None,
-        files_token: str,
-        job_timeout: float,
-        retention: float,
-        max_queue: int,
-        job_id: str | None = None,
-    ) -> Job:
+    def submit(self, new: NewJob, max_queue: int) -> Job:
         now = time.time()
-        job_id = job_id or new_job_id()
         fields = {
-            "id": job_id,
-            "model": model,
+            "id": new.id,
+            "model": new.model,
             "state": JobState.QUEUED.value,
-            "payload": json.dumps(payload),
-            "files_token": files_token,
+            "payload": json.dumps(new.payload),
+            "files_token": new.files_token,
             "created_at": repr(now),
-            "deadline": repr(now + job_timeout),
-            "expires_at": repr(now + retention),
+            "deadline": repr(now + new.job_timeout),
+            "expires_at": repr(now + new.retention),
             "attempts": "0",
         }
-        keys = [self._key("job", job_id), self._key("job", job_id, "input"), self._key("unfinished")]
+        keys = [self._key("job", new.id), self._key("job", new.id, "input"), self._key("unfinished")]
         over = self._submit(
             keys=[*keys, self._key("expiry"), self.queue],
-            args=[json.dumps(fields), input_data or b"", max_queue],
+            args=[json.dumps(fields), new.input_data or b"", max_queue],
         )
         if over:
             raise QueueFull(int(over) - 1)
-        return self.get(job_id)
+        return self.get(new.id)
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None when unknown or past its retention."""

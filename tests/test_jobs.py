@@ -7,13 +7,12 @@ import time
 
 import pytest
 
-from server.jobs import MAX_ATTEMPTS, JobState, QueueFull, SqliteJobStore
+from server.jobs import MAX_ATTEMPTS, JobState, NewJob, QueueFull, SqliteJobStore
 
 
 def make(store: SqliteJobStore, timeout: float = 60, retention: float = 3600, max_queue: int = 100) -> str:
-    return store.submit(
-        "sam3-image", {"params": {}, "image_key": "k"}, None, "t" * 32, timeout, retention, max_queue
-    ).id
+    new = NewJob("sam3-image", {"params": {}, "image_key": "k"}, None, "t" * 32, timeout, retention)
+    return store.submit(new, max_queue).id
 
 
 @pytest.fixture

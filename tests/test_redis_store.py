@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.jobs import MAX_ATTEMPTS, JobState, QueueFull
+from server.jobs import MAX_ATTEMPTS, JobState, NewJob, QueueFull
 from server.redis_store import RedisJobStore
 from tests.redis_server import RedisServer
 
@@ -31,7 +31,7 @@ def stores(redis_server, request) -> tuple[RedisJobStore, RedisJobStore]:
 
 
 def make(store: RedisJobStore, data: bytes = b"input", timeout: float = 60, max_queue: int = 100) -> str:
-    return store.submit("sam3-image", {"params": {}, "image_key": "k"}, data, "t" * 32, timeout, 3600, max_queue).id
+    return store.submit(NewJob("sam3-image", {"params": {}}, data, "t" * 32, timeout, 3600), max_queue).id
 
 
 def test_state_machine_is_guarded_and_shared(stores):
@@ -119,7 +119,7 @@ def test_overdue_orphaned_and_expired_jobs(stores):
     assert [job.id for job in a.fail_overdue()] == [overdue]
     assert [job.id for job in a.fail_orphans(lambda pid: pid != 42)] == [orphan]
     assert a.active() == 0 and a.counts()["FAILED"] == 2
-    expiring = a.submit("sam3-image", {"params": {}}, b"x", "u" * 32, 60, 0.05, 100).id
+    expiring = a.submit(NewJob("sam3-image", {"params": {}}, b"x", "u" * 32, 60, 0.05), 100).id
     time.sleep(0.1)
     assert a.get(expiring) is None
     assert [job.id for job in a.expire()] == [expiring] and a.expire() == []
