@@ -1,0 +1,1 @@
+"""SAM 3D Objects: single-image 3D object reconstruction (geometry, texture and layout)."""
