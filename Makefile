@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
+PLAYGROUND := server/playground/node_modules/.package-lock.json
 
-.PHONY: serve test lint bench bench-body redis-server
+.PHONY: serve test lint bench bench-body redis-server playground chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +13,17 @@ $(INSTALLED): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
-serve: $(INSTALLED)
+# The playground's 3D viewer comes from npm (server/playground/package-lock.json); the server serves it.
+$(PLAYGROUND): server/playground/package-lock.json
+	cd server/playground && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+playground: $(PLAYGROUND)
+
+serve: $(INSTALLED) $(PLAYGROUND)
 	$(VENV)/bin/sam3-serve serve $(ARGS)
 
-test: $(INSTALLED) redis-server
+test: $(INSTALLED) $(PLAYGROUND) redis-server chromium
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The Redis tests start Debian's redis-server themselves; install it when the machine lacks it.
@@ -23,6 +31,12 @@ redis-server:
 	@command -v redis-server >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# The playground test drives Debian's chromium headless through chromium-driver; install them when missing.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
 from pipeline.registry import TASKS
-from server import observability, placement, segmind
+from server import fal, observability, placement, playground, segmind, wavespeed
 from server.artifacts import content_type
 from server.auth import ApiKeys, warn_if_exposed
 from server.config import ServeConfig
@@ -119,6 +119,9 @@ class Sam3Server(ls.LitServer):
         self.app.add_exception_handler(StarletteHTTPException, http_error)
         self.app.include_router(common_router(self.gateway))
         self.app.include_router(segmind.build_router(self.gateway))
+        self.app.include_router(fal.build_router(self.gateway))
+        self.app.include_router(wavespeed.build_router(self.gateway))
+        self.app.include_router(playground.build_router(self.gateway))
         warn_if_exposed(config.host, config.is_loopback, keys)
 
     # -- LitServe hooks: run in the main process, in this order -------------------------------
@@ -274,6 +277,9 @@ def serve(config: ServeConfig) -> None:
     observability.configure_logging(config.log_format, config.log_level)
     observability.set_multiprocess_dir(config.data_dir / "metrics", pid_alive)  # before any worker or front end
     server = Sam3Server(config)
+    tls = {}
+    if config.ssl_certfile:  # LitServe hands these to uvicorn.Config
+        tls = {"ssl_certfile": str(config.ssl_certfile), "ssl_keyfile": str(config.ssl_keyfile)}
     server.run(
         host=config.host,
         port=config.port,
@@ -281,4 +287,5 @@ def serve(config: ServeConfig) -> None:
         generate_client_file=False,
         log_level=config.log_level,
         log_config=observability.uvicorn_log_config(config.log_format),
+        **tls,
     )

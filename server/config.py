@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "SAM3_SERVE_"
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
@@ -92,6 +92,16 @@ class ServeConfig(BaseModel):
     metrics_require_key: bool = Field(
         False, description="Require the API key on /metrics too (open by default, like /health, for scrapers)."
     )
+    ssl_certfile: Path | None = Field(
+        None, description="TLS certificate (PEM) to serve HTTPS, as fal-client requires; give --ssl-keyfile too."
+    )
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) of --ssl-certfile.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeConfig:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile: give both (HTTPS) or neither (HTTP)")
+        return self
 
     @property
     def jobs_db(self) -> Path:

@@ -11,7 +11,10 @@ import re
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from pipeline.registry import TASKS
+from server import fal, wavespeed
 from server.config import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,7 +40,12 @@ def _type(schema: dict) -> str:
 
 def parameters_table(model: str) -> str:
     """Markdown table of a model's request parameters (besides `image`)."""
-    schema = TASKS[model].params.model_json_schema()
+    return schema_table(TASKS[model].params)
+
+
+def schema_table(params: type[BaseModel]) -> str:
+    """Markdown table of a request schema's fields."""
+    schema = params.model_json_schema()
     rows = ["| Parameter | Type | Default | Allowed | Description |", "| --- | --- | --- | --- | --- |"]
     for name, prop in schema["properties"].items():
         default = prop.get("default")
@@ -48,6 +56,8 @@ def parameters_table(model: str) -> str:
 
 def blocks() -> dict[str, str]:
     generated = {f"parameters:{name}": parameters_table(name) for name in TASKS}
+    generated.update({f"wavespeed:{m.task}": schema_table(m.schema) for m in wavespeed.MODELS.values()})
+    generated.update({f"fal:{app}": schema_table(schema) for app, (_, schema, _) in fal.APPS.items()})
     generated["configuration"] = markdown_table()
     return generated
 

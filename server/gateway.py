@@ -147,9 +147,10 @@ class Gateway:
             raise ApiError(400, describe_validation_error(exc)) from None
 
     async def submit(
-        self, model: str, image: object, params: dict, consumer_id: int, wait: bool
+        self, model: str, image: object, params: dict, consumer_id: int, wait: bool, view: dict | None = None
     ) -> tuple[Job, asyncio.Event | None]:
-        """Validate, decode, persist as QUEUED, and enqueue; `wait` also registers for the worker's answer."""
+        """Validate, decode, persist as QUEUED, and enqueue; `wait` also registers for the worker's answer.
+        `view`: a contract's own options for rendering the result, kept with the job (payload["view"])."""
         spec = self.task(model)
         if self.draining.is_set():
             raise ApiError(503, "Server is shutting down; submit again shortly", {"Retry-After": "10"})
@@ -182,6 +183,8 @@ class Gateway:
             "image_key": key,
             "decode_seconds": round(time.perf_counter() - started, 4),  # fetch, decode and store the image
         }
+        if view:
+            payload["view"] = view
         try:
             new = NewJob(model, payload, data, new_token(), self.config.job_timeout, self.config.retention, job_id)
             job = await asyncio.to_thread(self.store.submit, new, self.config.max_queue)
@@ -246,12 +249,14 @@ class Gateway:
                     raise ApiError(404, f"Request {job_id} not found")
                 if job.finished:
                     return job
-                if event is not None and event.is_set():  # answered without starting it: the server is draining
-                    raise ApiError(
-                        503,
-                        f"Server is shutting down; request {job_id} stays queued and runs after the restart",
-                        {"Retry-After": "10"},
-                    )
+                if event is not None and event.is_set():  # answered without starting it
+                    if self.draining.is_set():
+                        raise ApiError(
+                            503,
+                            f"Server is shutting down; request {job_id} stays queued and runs after the restart",
+                            {"Retry-After": "10"},
+                        )
+                    event = None  # its deadline passed before a worker took it: poll until the watchdog fails it
         finally:
             self.server.response_buffer.pop(job_id, None)
 

@@ -64,6 +64,7 @@ class JobState(StrEnum):
 
 
 UNFINISHED = (JobState.QUEUED, JobState.PROCESSING)
+CANCELLED = "Request cancelled before it started"  # the error of a job cancelled while QUEUED
 COUNT_UNFINISHED = "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)"
 
 
@@ -141,6 +142,7 @@ class JobStore(Protocol):
     def start(self, job_ids: list[str], worker_pid: int) -> list[Job]: ...
     def complete(self, job_id: str, result: dict) -> bool: ...
     def fail(self, job_id: str, error: str) -> bool: ...
+    def cancel(self, job_id: str) -> bool: ...
     def read_input(self, job: Job) -> bytes: ...
     def release_input(self, job: Job) -> None: ...
     def unfinished(self) -> int: ...
@@ -282,6 +284,11 @@ class SqliteJobStore:
         with self._tx() as db:
             return self._fail_in(db, job_id, error)
 
+    def cancel(self, job_id: str) -> bool:
+        """QUEUED -> FAILED with CANCELLED; False when the job already started or finished."""
+        with self._tx() as db:
+            return self._fail_in(db, job_id, CANCELLED, (JobState.QUEUED,))
+
     def _fail_where(self, condition: str, args: tuple, error: Callable[[Job], str]) -> list[Job]:
         # Read first: the janitor calls this every second, and an idle pass must not take the write lock.
         rows = (
@@ -300,13 +307,14 @@ class SqliteJobStore:
         return failed
 
     @staticmethod
-    def _fail_in(db: sqlite3.Connection, job_id: str, error: str) -> bool:
-        """QUEUED/PROCESSING -> FAILED inside an open transaction; False when the job already finished."""
+    def _fail_in(db: sqlite3.Connection, job_id: str, error: str, states: tuple[JobState, ...] = UNFINISHED) -> bool:
+        """`states` (QUEUED/PROCESSING) -> FAILED inside an open transaction; False when the job is in no such state."""
+        marks = ",".join("?" * len(states))
         return bool(
             db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ?, worker_pid = NULL"
-                " WHERE id = ? AND state IN (?, ?)",
-                (JobState.FAILED, time.time(), error, job_id, *UNFINISHED),
+                f" WHERE id = ? AND state IN ({marks})",
+                (JobState.FAILED, time.time(), error, job_id, *states),
             ).rowcount
         )
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import redis
 
-from server.jobs import MAX_ATTEMPTS, Job, JobState, NewJob, QueueFull
+from server.jobs import CANCELLED, MAX_ATTEMPTS, Job, JobState, NewJob, QueueFull
 
 GROUP = "workers"
 RECENT = 20
@@ -209,6 +209,10 @@ class RedisJobStore:
 
     def fail(self, job_id: str, error: str) -> bool:
         return self._end(job_id, JobState.FAILED, "error", error, (JobState.QUEUED, JobState.PROCESSING))
+
+    def cancel(self, job_id: str) -> bool:
+        """QUEUED -> FAILED with CANCELLED; False when the job already started or finished."""
+        return self._end(job_id, JobState.FAILED, "error", CANCELLED, (JobState.QUEUED,))
 
     # -- inputs -------------------------------------------------------------------------------
 

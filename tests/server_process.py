@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +31,10 @@ class ServerProcess:
         self.data_dir = data_dir
         self.args = list(args)
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # With --ssl-certfile the server speaks HTTPS; the tests trust that certificate.
+        cert = self.args[self.args.index("--ssl-certfile") + 1] if "--ssl-certfile" in self.args else None
+        self.url = f"{'https' if cert else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cert) if cert else True
         self.log_path = data_dir.parent / f"server-{self.port}-{len(os.listdir(data_dir.parent))}.log"
         self.process: subprocess.Popen | None = None
         self.threads = threads  # tests keep the server to one thread: the test process shares 2 cores
@@ -65,7 +69,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -112,7 +116,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         body = {}
         while time.monotonic() < deadline:
-            response = httpx.get(f"{self.url}/v2/requests/{job_id}/status", headers=headers or {}, timeout=5)
+            url = f"{self.url}/v2/requests/{job_id}/status"
+            response = httpx.get(url, headers=headers or {}, timeout=5, verify=self.verify)
             body = response.json()
             if body.get("status") in states:
                 return body

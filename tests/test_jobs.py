@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.jobs import MAX_ATTEMPTS, JobState, NewJob, QueueFull, SqliteJobStore
+from server.jobs import CANCELLED, MAX_ATTEMPTS, JobState, NewJob, QueueFull, SqliteJobStore
 
 
 def make(store: SqliteJobStore, timeout: float = 60, retention: float = 3600, max_queue: int = 100) -> str:
@@ -40,6 +40,16 @@ def test_transitions_are_guarded(store):
     assert store.complete(job_id, {}) is False  # a late result after the watchdog changes nothing
     assert store.fail(job_id, "again") is False
     assert store.get(job_id).error == "boom"
+
+
+def test_only_a_queued_job_can_be_cancelled(store):
+    queued, running = make(store), make(store)
+    store.start([running], 1)
+    assert store.cancel(queued) and store.cancel(queued) is False
+    assert store.get(queued).state is JobState.FAILED and store.get(queued).error == CANCELLED
+    assert store.start([queued], 1) == []  # a cancelled job never runs
+    assert store.cancel(running) is False and store.cancel("unknown") is False
+    assert store.get(running).state is JobState.PROCESSING
 
 
 def test_queue_is_bounded(store):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.jobs import MAX_ATTEMPTS, JobState, NewJob, QueueFull
+from server.jobs import CANCELLED, MAX_ATTEMPTS, JobState, NewJob, QueueFull
 from server.redis_store import RedisJobStore
 from tests.redis_server import RedisServer
 
@@ -50,6 +50,18 @@ def test_state_machine_is_guarded_and_shared(stores):
     with pytest.raises(FileNotFoundError):
         a.read_input(done)  # inputs go with the job's end
     assert a.counts()["COMPLETED"] == 1 and a.unfinished() == 0 and a.recent_inference_time() is not None
+
+
+def test_only_a_queued_job_can_be_cancelled(stores):
+    a, b = stores
+    queued, running = make(a), make(a)
+    b.start([running], worker_pid=7)
+    assert b.cancel(queued) and a.cancel(queued) is False
+    job = a.get(queued)
+    assert job.state is JobState.FAILED and job.error == CANCELLED and a.unfinished() == 1
+    with pytest.raises(FileNotFoundError):
+        a.read_input(job)  # the input goes with the job's end
+    assert a.start([queued], worker_pid=8) == [] and a.cancel(running) is False
 
 
 def test_queue_limit_is_atomic_across_replicas(stores):
