@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from server.gateway import ApiError, Gateway, describe_validation_error
+from server.gateway import ApiError, Gateway, contract_route, describe_validation_error
 from server.jobs import CANCELLED, Job, JobState
 from server.segmind import require_key
 
@@ -227,22 +225,9 @@ def inline_refs(schema: dict) -> dict:
 # -- routes -----------------------------------------------------------------------------------
 
 
-class FalRoute(APIRoute):
-    """Renders errors as fal's `{"detail": ...}`; an unexpected one is logged, never leaked."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ApiError as error:
-                return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return JSONResponse({"detail": "Internal server error"}, status_code=500)
-
-        return route
+FalRoute = contract_route(
+    lambda error: JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
+)
 
 
 def timestamp(seconds: float) -> str:

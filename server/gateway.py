@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import multiprocessing.synchronize
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import litserve as ls
 import numpy as np
 from fastapi import Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from litserve.utils import ResponseBufferItem
 from pydantic import BaseModel, ValidationError
 
@@ -30,6 +34,8 @@ from server.jobs import Job, JobStore, NewJob, QueueFull, new_job_id
 from server.placement import Placement
 from server.weights import MANIFEST
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ApiError(Exception):
@@ -38,6 +44,27 @@ class ApiError(Exception):
     status: int
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def contract_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
+    """A route class whose errors a contract renders in its own shape; an unexpected one is logged, never leaked."""
+
+    class ContractRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ApiError as error:
+                    return render(error)
+                except Exception:
+                    log.exception("%s %s failed", request.method, request.url.path)
+                    return render(ApiError(500, "Internal server error"))
+
+            return route
+
+    return ContractRoute
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -16,11 +16,10 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import Field, create_model
 
 from pipeline.registry import TASKS, TaskSpec
-from server.gateway import ApiError, Gateway
+from server.gateway import ApiError, Gateway, contract_route
 from server.jobs import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -32,22 +31,7 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
 
-class SegmindRoute(APIRoute):
-    """Renders errors as Segmind's `{"error": ...}` body; an unexpected one is logged, never leaked."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ApiError as error:
-                return error_response(error)
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error_response(ApiError(500, "Internal server error"))
-
-        return route
+SegmindRoute = contract_route(error_response)
 
 
 def presented_key(request: Request) -> str | None:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.gateway import ApiError, Gateway, describe_validation_error
+from server.fal import BoxPrompt, PointPrompt
+from server.gateway import ApiError, Gateway, contract_route, describe_validation_error
 from server.jobs import Job, JobState
 from server.segmind import require_key
 
@@ -43,47 +42,13 @@ def envelope(code: int, message: str, data: dict | None, headers: dict[str, str]
     return JSONResponse({"code": code, "message": message, "data": data}, status_code=code, headers=headers)
 
 
-class WaveSpeedRoute(APIRoute):
-    """Renders errors in WaveSpeed's envelope; an unexpected one is logged, never leaked."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ApiError as error:
-                return envelope(error.status, error.message, None, error.headers)
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return envelope(500, "Internal server error", None)
-
-        return route
+WaveSpeedRoute = contract_route(lambda error: envelope(error.status, error.message, None, error.headers))
 
 
 # -- inputs -------------------------------------------------------------------------------------
 
 IMAGE = Field(description="Input image: http(s) URL, raw base64, or a data: URI.")
 SYNC = Field(False, description="Answer the POST with the finished task instead of polling.")
-
-
-class PointPrompt(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    x: float = Field(description="Pixels from the left edge.")
-    y: float = Field(description="Pixels from the top edge.")
-    label: Literal[0, 1] = Field(1, description="1 foreground, 0 background.")
-    object_id: int | None = Field(None, description="Object the point belongs to; one object per request.")
-
-
-class BoxPrompt(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    x_min: float
-    y_min: float
-    x_max: float
-    y_max: float
-    object_id: int | None = Field(None, description="Object the box outlines; each box is its own object.")
 
 
 class Sam3ImageInput(BaseModel):
