@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vit_layers import LayerScale, Mlp
+
 FfnLayer = Literal["mlp", "swiglu"]
 
 ROPE_BASE = 100.0
@@ -96,29 +98,6 @@ class MaskedBiasLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
 
 
-class LayerScale(nn.Module):
-    """Per-channel scale of a residual branch."""
-
-    def __init__(self, dim: int, init_value: float = LAYERSCALE_INIT) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init_value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """`fc2(gelu(fc1(x)))` with the exact (erf) GELU."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class SwiGLUFFN(nn.Module):
     """`w3(silu(w1(x)) * w2(x))`, with 2/3 of `hidden_dim` (rounded up to a multiple of 8) as its width."""
 
@@ -164,10 +143,10 @@ class Dinov3Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = Dinov3Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
+        self.ls1 = LayerScale(dim, LAYERSCALE_INIT)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = FFN_LAYERS[ffn_layer](dim, int(dim * ffn_ratio))
-        self.ls2 = LayerScale(dim)
+        self.ls2 = LayerScale(dim, LAYERSCALE_INIT)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), rope))

@@ -9,30 +9,10 @@ ones at the top level (`backbone.pos_embed`, `backbone.blocks.i.*`, ...).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.sam3d_body.dinov3 import Mlp
 from models.sam3d_body.transformer import LayerNorm32
-
-
-class ViTAttention(nn.Module):
-    """Multi-head self-attention with a fused, biased qkv projection."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, tokens, head_dim]
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+from models.vit_layers import Attention, Mlp
 
 
 class ViTBlock(nn.Module):
@@ -41,7 +21,7 @@ class ViTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = LayerNorm32(dim)
-        self.attn = ViTAttention(dim, num_heads)
+        self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm32(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

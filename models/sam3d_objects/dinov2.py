@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vit_layers import Attention, LayerScale, Mlp
+
 
 @dataclass(frozen=True)
 class DinoV2Config:
@@ -64,49 +66,6 @@ class PatchEmbed(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (no qk-norm)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, tokens, head_dim]
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch."""
-
-    def __init__(self, dim: int, init_value: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init_value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """Two-layer GELU (exact) MLP."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class ViTBlock(nn.Module):
