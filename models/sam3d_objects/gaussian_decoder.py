@@ -18,16 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
+from models.sam3d_objects.hydra_config import constructor_kwargs
 from models.sam3d_objects.sparse_attention import SparseVoxels, windowed_self_attention
+from models.sam3d_objects.structure_flow import FeedForwardNet
 
 _TARGETS = {
     "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae.decoder_gs.SLatGaussianDecoderTdfyWrapper",
     "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae.decoder_gs.SLatGaussianDecoder",
 }
-_ACCEPTED = {
+# Constructor arguments of the swin trunk both structured-latent decoders share.
+TRUNK_KEYS = {
     "resolution",
     "model_channels",
     "latent_channels",
@@ -39,8 +41,8 @@ _ACCEPTED = {
     "window_size",
     "pe_mode",
     "qk_rms_norm",
-    "representation_config",
 }
+_ACCEPTED = TRUNK_KEYS | {"representation_config"}
 # use_fp16 only picks the official torso dtype (we run fp32); weights are loaded by the caller, not the constructor.
 _IGNORED = {"use_fp16", "use_checkpoint", "pretrained_ckpt_path"}
 _REPRESENTATION_KEYS = {
@@ -215,18 +217,6 @@ class LayerNorm32(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
-class SparseFeedForwardNet(nn.Module):
-    """Linear → GELU(tanh) → Linear, applied per voxel (keys `mlp.0`, `mlp.2`)."""
-
-    def __init__(self, channels: int, mlp_ratio: float) -> None:
-        super().__init__()
-        hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
 class SparseWindowAttention(nn.Module):
     """Multi-head self-attention inside `window_size`³ cells of the grid shifted by `shift` (keys to_qkv, to_out)."""
 
@@ -254,15 +244,17 @@ class SparseTransformerBlock(nn.Module):
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.attn = SparseWindowAttention(channels, num_heads, window_size, shift)
-        self.mlp = SparseFeedForwardNet(channels, mlp_ratio)
+        self.mlp = FeedForwardNet(channels, mlp_ratio)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), coords)
         return x + self.mlp(self.norm2(x))
 
 
-class SLatGaussianDecoder(nn.Module):
-    """Structured latent (N voxels × latent_channels) → `num_gaussians` Gaussians per voxel; swin attention, APE."""
+class SwinLatentDecoder(nn.Module):
+    """The trunk the structured-latent decoders share: a linear input layer plus absolute sin-cos
+    position embedding of the voxel coordinates, then swin-style sparse transformer blocks
+    (windows shifted by half a window on odd blocks)."""
 
     def __init__(
         self,
@@ -270,7 +262,6 @@ class SLatGaussianDecoder(nn.Module):
         model_channels: int,
         latent_channels: int,
         num_blocks: int,
-        representation_config: Mapping[str, Any],
         num_heads: int | None = None,
         num_head_channels: int = 64,
         mlp_ratio: float = 4.0,
@@ -288,39 +279,50 @@ class SLatGaussianDecoder(nn.Module):
             raise ValueError("qk_rms_norm=True is not implemented (the released config has it off)")
         self.resolution = resolution
         self.model_channels = model_channels
-        self.rep = RepresentationConfig.from_mapping(representation_config)
-        g = self.rep.num_gaussians
-        # Official output layout order and per-Gaussian sizes: xyz 3, features_dc 3, scaling 3, rotation 4, opacity 1.
-        self.layout = {"_xyz": (3,), "_features_dc": (1, 3), "_scaling": (3,), "_rotation": (4,), "_opacity": (1,)}
-        out_channels = g * sum(int(np.prod(shape)) for shape in self.layout.values())
         heads = num_heads or model_channels // num_head_channels
         self.input_layer = nn.Linear(latent_channels, model_channels)
         self.blocks = nn.ModuleList(
             SparseTransformerBlock(model_channels, heads, mlp_ratio, window_size, window_size // 2 * (i % 2))
             for i in range(num_blocks)
         )
+
+    def trunk(self, x: SparseVoxels) -> torch.Tensor:
+        """(N, model_channels) features of the voxels after the transformer blocks."""
+        h = self.input_layer(x.feats.float()) + sincos_position_embedding(x.coords[:, 1:], self.model_channels)
+        for block in self.blocks:
+            h = block(h, x.coords)
+        return h
+
+
+class SLatGaussianDecoder(SwinLatentDecoder):
+    """Structured latent (N voxels × latent_channels) → `num_gaussians` Gaussians per voxel; swin attention, APE."""
+
+    def __init__(
+        self,
+        resolution: int,
+        model_channels: int,
+        latent_channels: int,
+        num_blocks: int,
+        representation_config: Mapping[str, Any],
+        **trunk: Any,
+    ) -> None:
+        super().__init__(resolution, model_channels, latent_channels, num_blocks, **trunk)
+        self.rep = RepresentationConfig.from_mapping(representation_config)
+        g = self.rep.num_gaussians
+        # Official output layout order and per-Gaussian sizes: xyz 3, features_dc 3, scaling 3, rotation 4, opacity 1.
+        self.layout = {"_xyz": (3,), "_features_dc": (1, 3), "_scaling": (3,), "_rotation": (4,), "_opacity": (1,)}
+        out_channels = g * sum(int(np.prod(shape)) for shape in self.layout.values())
         self.out_layer = nn.Linear(model_channels, out_channels)
         self.register_buffer("offset_perturbation", hammersley_perturbation(g, self.rep.voxel_size))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> SLatGaussianDecoder:
         """Build from the official hydra config (mapping or yaml file); refuses unknown keys. Weights stay random."""
-        if not isinstance(config, Mapping):
-            config = yaml.safe_load(Path(config).read_text())
-        target = config.get("_target_")
-        if target is not None and target not in _TARGETS:
-            raise ValueError(f"unexpected _target_ {target!r}; known: {sorted(_TARGETS)}")
-        unknown = set(config) - _ACCEPTED - _IGNORED - {"_target_"}
-        if unknown:
-            raise ValueError(f"gs decoder: unsupported config keys {sorted(unknown)}")
-        return cls(**{key: value for key, value in config.items() if key in _ACCEPTED})
+        return cls(**constructor_kwargs(config, "gs decoder", _TARGETS, _ACCEPTED, _IGNORED))
 
     def forward(self, x: SparseVoxels) -> list[GaussianSet]:
         """Decode de-normalised structured latents (coords sorted by batch) into one GaussianSet per batch item."""
-        h = self.input_layer(x.feats.float()) + sincos_position_embedding(x.coords[:, 1:], self.model_channels)
-        for block in self.blocks:
-            h = block(h, x.coords)
-        h = self.out_layer(F.layer_norm(h, h.shape[-1:]))
+        h = self.out_layer(F.layer_norm(self.trunk(x), (self.model_channels,)))
         return [self.to_gaussians(x.coords[rows], h[rows]) for rows in x.batch_slices()]
 
     def to_gaussians(self, coords: torch.Tensor, out: torch.Tensor) -> GaussianSet:

@@ -22,7 +22,7 @@ from torch import nn
 
 from models.sam3d_objects.flow_sampler import FlowSampler
 from models.sam3d_objects.sparse_attention import SparseVoxels
-from models.sam3d_objects.sparse_conv import SubMConv3d, submanifold_neighbors
+from models.sam3d_objects.sparse_conv import SparseConv3d, submanifold_neighbors
 from models.sam3d_objects.sparse_resample import downsample, upsample
 from models.sam3d_objects.structure_flow import CrossAttention, FeedForwardNet, MultiHeadRMSNorm, TimestepEmbedder
 
@@ -60,17 +60,6 @@ def position_embedding(xyz: torch.Tensor, channels: int) -> torch.Tensor:
     out = torch.outer(xyz.reshape(-1).float(), freqs)
     embed = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).reshape(xyz.shape[0], -1)
     return F.pad(embed, (0, channels - embed.shape[1]))
-
-
-class SparseConv3d(nn.Module):
-    """Official `SparseConv3d` with stride 1: a submanifold conv kept under `.conv` (checkpoint keys `conv.*`)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__()
-        self.conv = SubMConv3d(in_channels, out_channels, kernel_size)
-
-    def forward(self, feats: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
-        return self.conv(feats, neighbors)
 
 
 class SparseResBlock3d(nn.Module):

@@ -19,32 +19,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from models.sam3d_objects.flexicubes import CUBE_CORNERS, FlexiCubes
-from models.sam3d_objects.gaussian_decoder import SparseTransformerBlock, sincos_position_embedding
+from models.sam3d_objects.gaussian_decoder import TRUNK_KEYS, SwinLatentDecoder
+from models.sam3d_objects.hydra_config import constructor_kwargs
 from models.sam3d_objects.sparse_attention import SparseVoxels
-from models.sam3d_objects.sparse_conv import SubMConv3d, submanifold_neighbors
+from models.sam3d_objects.sparse_conv import SparseConv3d, SubMConv3d, submanifold_neighbors
 
 _TARGETS = {
     "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae.decoder_mesh.SLatMeshDecoderTdfyWrapper",
     "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae.decoder_mesh.SLatMeshDecoder",
 }
-_ACCEPTED = {
-    "resolution",
-    "model_channels",
-    "latent_channels",
-    "num_blocks",
-    "num_heads",
-    "num_head_channels",
-    "mlp_ratio",
-    "attn_mode",
-    "window_size",
-    "pe_mode",
-    "qk_rms_norm",
-    "representation_config",
-}
+_ACCEPTED = TRUNK_KEYS | {"representation_config"}
 # use_fp16 only picks the official torso dtype (we run fp32); device only placed the official extractor's tables.
 _IGNORED = {"use_fp16", "use_checkpoint", "pretrained_ckpt_path", "device"}
 # Official output layout (dict order of `SparseFeatures2Mesh._calc_layout`): name → per-voxel shape.
@@ -70,17 +57,6 @@ class SparseGroupNorm32(nn.GroupNorm):
         for r in rows:
             out[r] = super().forward(feats[r].float().t().unsqueeze(0)).squeeze(0).t().to(feats.dtype)
         return out
-
-
-class SparseConv3d(nn.Module):
-    """Official `SparseConv3d` at stride 1 (an spconv `SubMConv3d` stored under `.conv`)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
-        super().__init__()
-        self.conv = SubMConv3d(in_channels, out_channels, kernel_size)
-
-    def forward(self, feats: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
-        return self.conv(feats, neighbors)
 
 
 class SparsePointwiseConv3d(nn.Module):
@@ -223,7 +199,7 @@ class SparseFeatures2Mesh:
         return MeshExtractResult(vertices=vertices, faces=faces, vertex_attrs=colors, res=res)
 
 
-class SLatMeshDecoder(nn.Module):
+class SLatMeshDecoder(SwinLatentDecoder):
     """Structured latent (N voxels × latent_channels) → one FlexiCubes mesh per batch item at 4·resolution."""
 
     def __init__(
@@ -233,34 +209,14 @@ class SLatMeshDecoder(nn.Module):
         latent_channels: int,
         num_blocks: int,
         representation_config: Mapping[str, Any] | None = None,
-        num_heads: int | None = None,
-        num_head_channels: int = 64,
-        mlp_ratio: float = 4.0,
-        attn_mode: str = "swin",
-        window_size: int = 8,
-        pe_mode: str = "ape",
-        qk_rms_norm: bool = False,
+        **trunk: Any,
     ) -> None:
-        super().__init__()
-        if attn_mode != "swin":
-            raise ValueError(f"unsupported attn_mode {attn_mode!r}; only 'swin' (the released config) is implemented")
-        if pe_mode != "ape":
-            raise ValueError(f"unsupported pe_mode {pe_mode!r}; only 'ape' is implemented")
-        if qk_rms_norm:
-            raise ValueError("qk_rms_norm=True is not implemented (the released config has it off)")
+        super().__init__(resolution, model_channels, latent_channels, num_blocks, **trunk)
         rep = dict(representation_config or {})
         unknown = set(rep) - {"use_color"}
         if unknown:
             raise ValueError(f"mesh decoder representation_config: unsupported keys {sorted(unknown)}")
-        self.resolution = resolution
-        self.model_channels = model_channels
         self.mesh_extractor = SparseFeatures2Mesh(res=resolution * 4, use_color=bool(rep.get("use_color", False)))
-        heads = num_heads or model_channels // num_head_channels
-        self.input_layer = nn.Linear(latent_channels, model_channels)
-        self.blocks = nn.ModuleList(
-            SparseTransformerBlock(model_channels, heads, mlp_ratio, window_size, window_size // 2 * (i % 2))
-            for i in range(num_blocks)
-        )
         self.upsample = nn.ModuleList(
             [
                 SparseSubdivideBlock3d(model_channels, model_channels // 4),
@@ -272,22 +228,11 @@ class SLatMeshDecoder(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> SLatMeshDecoder:
         """Build from the official hydra config (mapping or yaml file); refuses unknown keys. Weights stay random."""
-        if not isinstance(config, Mapping):
-            config = yaml.safe_load(Path(config).read_text())
-        target = config.get("_target_")
-        if target is not None and target not in _TARGETS:
-            raise ValueError(f"unexpected _target_ {target!r}; known: {sorted(_TARGETS)}")
-        unknown = set(config) - _ACCEPTED - _IGNORED - {"_target_"}
-        if unknown:
-            raise ValueError(f"mesh decoder: unsupported config keys {sorted(unknown)}")
-        return cls(**{key: value for key, value in config.items() if key in _ACCEPTED})
+        return cls(**constructor_kwargs(config, "mesh decoder", _TARGETS, _ACCEPTED, _IGNORED))
 
     def features(self, x: SparseVoxels) -> SparseVoxels:
         """The network up to `out_layer`: voxels at 4·resolution with `feats_channels` features each."""
-        h = self.input_layer(x.feats.float()) + sincos_position_embedding(x.coords[:, 1:], self.model_channels)
-        for block in self.blocks:
-            h = block(h, x.coords)
-        out = x.replace(h)
+        out = x.replace(self.trunk(x))
         for block in self.upsample:
             out = block(out)
         return out.replace(self.out_layer(out.feats))

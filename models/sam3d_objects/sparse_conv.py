@@ -87,3 +87,14 @@ class SubMConv3d(nn.Module):
     def forward(self, feats: Tensor, neighbors: Tensor) -> Tensor:
         """`neighbors` from `submanifold_neighbors(coords, self.kernel_size)`."""
         return submanifold_conv3d(feats, neighbors, self.weight, self.bias)
+
+
+class SparseConv3d(nn.Module):
+    """The release's `SparseConv3d` at stride 1: a submanifold conv stored under `.conv` (checkpoint keys `conv.*`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = SubMConv3d(in_channels, out_channels, kernel_size)
+
+    def forward(self, feats: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+        return self.conv(feats, neighbors)

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
+
+from models.sam3d_objects.hydra_config import constructor_kwargs
 
 _TARGETS = {
     "sam3d_objects.model.backbone.tdfy_dit.models.sparse_structure_vae.SparseStructureDecoderTdfyWrapper",
@@ -132,15 +133,7 @@ class SparseStructureDecoder(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str | Path) -> SparseStructureDecoder:
         """Build from the official hydra config (mapping or yaml file); refuses unknown keys. Weights stay random."""
-        if not isinstance(config, Mapping):
-            config = yaml.safe_load(Path(config).read_text())
-        target = config.get("_target_")
-        if target is not None and target not in _TARGETS:
-            raise ValueError(f"unexpected _target_ {target!r}; known: {sorted(_TARGETS)}")
-        unknown = set(config) - _ACCEPTED - _IGNORED - {"_target_"}
-        if unknown:
-            raise ValueError(f"ss decoder: unsupported config keys {sorted(unknown)}")
-        return cls(**{key: value for key, value in config.items() if key in _ACCEPTED})
+        return cls(**constructor_kwargs(config, "ss decoder", _TARGETS, _ACCEPTED, _IGNORED))
 
     @staticmethod
     def flat_to_cube(tokens: torch.Tensor) -> torch.Tensor:
