@@ -8,6 +8,7 @@ all images in a batch share the model's passes (one call per inference mode).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from models.sam3.predictor import Sam3Predictor
 from models.sam3d_body.crop import default_intrinsics
 from models.sam3d_body.predictor import BodyRequest, Mode, Sam3DBodyPredictor
 from models.sam3d_body.smplx_fit import fit_smplx
-from models.sam3d_body.topology import SMPLX_MAPPING, load_mapping
+from models.sam3d_body.topology import SMPLX_MAPPING, TopologyMapping, load_mapping
 from pipeline.body_outputs import keypoints_json, person_ply, scene_glb, visualization_png
 from pipeline.schemas import Sam3DBodyParams
 from pipeline.task import TaskInput, TaskOutput
@@ -64,9 +65,15 @@ def _metadata(people: list[dict], scores: list[float | None], p: Sam3DBodyParams
     return {"num_people": len(people), "inference_mode": mode, "people": entries}
 
 
+@functools.cache
+def _smplx_mapping() -> TopologyMapping:
+    """MHR -> SMPL-X barycentric mapping, read once per worker rather than per request."""
+    return load_mapping(SMPLX_MAPPING)
+
+
 def _smplx_json(people: list[dict], faces: np.ndarray, smplx_model: Path | None) -> bytes:
     """Per person: the mesh in SMPL-X vertex order (camera space, OpenCV axes, metres), and a fit if possible."""
-    mapping = load_mapping(SMPLX_MAPPING)
+    mapping = _smplx_mapping()
     vertices = [mapping.apply(np.asarray(p["pred_vertices"]) + np.asarray(p["pred_cam_t"]), faces) for p in people]
     entries: list[dict] = [{"person_id": i, "vertices": v.round(5).tolist()} for i, v in enumerate(vertices)]
     if smplx_model is not None and people:

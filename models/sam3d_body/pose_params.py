@@ -75,12 +75,15 @@ def body_params_from_cont(cont: torch.Tensor) -> torch.Tensor:
     return params
 
 
-def _hand_masks() -> tuple[list[bool], list[bool], list[bool], list[bool]]:
-    cont3 = [d == 3 for d in HAND_JOINT_DOFS for _ in range(2 * d)]
-    cont1 = [d in (1, 2) for d in HAND_JOINT_DOFS for _ in range(2 * d)]
-    param3 = [d == 3 for d in HAND_JOINT_DOFS for _ in range(d)]
-    param1 = [d in (1, 2) for d in HAND_JOINT_DOFS for _ in range(d)]
-    return cont3, cont1, param3, param1
+def _slots(per_joint: int, dofs: tuple[int, ...]) -> list[int]:
+    """Positions, in joint order with `per_joint` values per degree of freedom, of the joints with `dofs`."""
+    flags = [d in dofs for d in HAND_JOINT_DOFS for _ in range(per_joint * d)]
+    return [i for i, flag in enumerate(flags) if flag]
+
+
+# Where the 3-DoF (6D) and the 1-/2-DoF (sin, cos) joints sit in the 54 continuous and 27 Euler values.
+HAND_CONT_3DOF, HAND_CONT_1DOF = _slots(2, (3,)), _slots(2, (1, 2))
+HAND_PARAM_3DOF, HAND_PARAM_1DOF = _slots(1, (3,)), _slots(1, (1, 2))
 
 
 def hand_params_from_cont(cont: torch.Tensor) -> torch.Tensor:
@@ -88,10 +91,9 @@ def hand_params_from_cont(cont: torch.Tensor) -> torch.Tensor:
 
     3-DoF joints use 6D; 1- and 2-DoF joints use one (sin, cos) pair per angle.
     """
-    cont3, cont1, param3, param1 = (torch.tensor(m, device=cont.device) for m in _hand_masks())
-    three = euler_xyz_from_6d(cont[..., cont3].unflatten(-1, (-1, 6))).flatten(-2)
-    sincos = cont[..., cont1].unflatten(-1, (-1, 2))
+    three = euler_xyz_from_6d(cont[..., HAND_CONT_3DOF].unflatten(-1, (-1, 6))).flatten(-2)
+    sincos = cont[..., HAND_CONT_1DOF].unflatten(-1, (-1, 2))
     params = cont.new_zeros(*cont.shape[:-1], sum(HAND_JOINT_DOFS))
-    params[..., param3] = three
-    params[..., param1] = torch.atan2(sincos[..., 0], sincos[..., 1])
+    params[..., HAND_PARAM_3DOF] = three
+    params[..., HAND_PARAM_1DOF] = torch.atan2(sincos[..., 0], sincos[..., 1])
     return params
