@@ -158,3 +158,50 @@ def occupied_coords(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 5 or logits.shape[1] != 1:
         raise ValueError(f"expected (B, 1, D, H, W) logits, got {tuple(logits.shape)}")
     return torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].to(torch.int32)
+
+
+def prune_interior(coords: torch.Tensor, distance: int = 1) -> torch.Tensor:
+    """Official `prune_sparse_structure`: drop the voxels whose whole (2·distance+1)³ neighbourhood (themselves
+    included; 27 voxels at distance 1) is occupied, keeping the surface. Rows keep their order and dtype.
+
+    As the official, the occupancy grid ignores the batch column (all rows share one grid) and cells outside the
+    occupied bounding box count as empty.
+    """
+    if len(coords) == 0:
+        return coords
+    xyz = coords[:, 1:].long()
+    xyz = xyz - xyz.min(dim=0).values
+    size = (xyz.max(dim=0).values + 1).tolist()
+    occupancy = torch.zeros((1, 1, *size), dtype=torch.float32, device=coords.device)
+    occupancy[0, 0, xyz[:, 0], xyz[:, 1], xyz[:, 2]] = 1
+    width = 2 * distance + 1
+    kernel = torch.ones((1, 1, width, width, width), dtype=torch.float32, device=coords.device)
+    counts = F.conv3d(occupancy, kernel, padding=distance)[0, 0, xyz[:, 0], xyz[:, 1], xyz[:, 2]]
+    return coords[counts < width**3]
+
+
+def downsample_coords(
+    coords: torch.Tensor, max_coords: int = 42000, factor: int = 2, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
+    """Official `downsample_sparse_structure`: (N, 4) int rows (batch, i, j, k) -> (rows, downsample factor).
+
+    Up to `max_coords` rows come back unchanged with factor 1 (the mesh decoder's int32 indexing needs
+    64·768·N < 2³¹). Otherwise each axis of the occupied box is mapped linearly onto a box `factor` times smaller
+    centred in it (round half to even, clamp), duplicates are merged (rows sorted as `torch.unique`) and, if still
+    too many, a random subset of `max_coords` rows (`torch.randperm` from `generator`) is kept; factor is returned.
+    """
+    if len(coords) <= max_coords:
+        return coords, 1
+    xyz = coords[:, 1:].float()
+    low, high = xyz.min(dim=0).values, xyz.max(dim=0).values
+    size = high - low + 1
+    target = size / factor
+    target_low = low + (size - target) / 2
+    target_high = low + (size - target) / 2 + target - 1
+    scaled = (xyz - low) / (high - low) * (target - 1) + target_low
+    scaled = torch.clamp(torch.round(scaled).int(), target_low.int(), target_high.int())
+    rows = torch.unique(torch.cat([coords[:, :1], scaled], dim=1), dim=0)
+    if len(rows) > max_coords:
+        device = rows.device if generator is None else generator.device
+        rows = rows[torch.randperm(len(rows), generator=generator, device=device)[:max_coords].to(rows.device)]
+    return rows.int(), factor
