@@ -125,10 +125,11 @@ class FlowSampler:
 
     def velocity(self, net: SparseStructureFlow, x: Latents, t: float, cond: torch.Tensor) -> Latents:
         """Guided velocity at time t in [0, 1]: the official `reverse_fn` call of one solver step."""
-        t_in = torch.tensor([t * self.time_scale], dtype=torch.float32)
+        t_in = torch.tensor([t * self.time_scale], dtype=torch.float32, device=cond.device)
         d = None
         if self.shortcut_model:
-            d = torch.tensor([(0.0 if self.no_shortcut else 1 / self.steps) * self.time_scale], dtype=torch.float32)
+            step = (0.0 if self.no_shortcut else 1 / self.steps) * self.time_scale
+            d = torch.tensor([step], dtype=torch.float32, device=cond.device)
         return guided_velocity(net, x, t_in, cond, d, self.cfg_strength, self.cfg_interval)
 
     def sample_iter(self, net: SparseStructureFlow, x0: Latents, cond: torch.Tensor) -> Iterator[Latents]:

@@ -163,8 +163,9 @@ class GaussianSet:
         return torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=self._rotation.dtype, device=self._rotation.device)
 
 
-def gaussians_ply(gaussians: GaussianSet) -> bytes:
-    """Standard 3DGS binary little-endian PLY as official `Gaussian.save_ply` (logit opacity, log scale, raw quat)."""
+def splat_table(gaussians: GaussianSet) -> np.ndarray:
+    """(M, 17) float32 rows of the standard 3DGS PLY as official `Gaussian.save_ply` writes them: position,
+    zero normal, SH degree-0 colour, logit opacity, log scale, raw (unnormalised) (w, x, y, z) rotation."""
     columns = [
         gaussians.get_xyz,
         torch.zeros_like(gaussians._xyz),
@@ -173,13 +174,22 @@ def gaussians_ply(gaussians: GaussianSet) -> bytes:
         torch.log(gaussians.get_scaling),
         gaussians._rotation + gaussians._rotation_bias(),
     ]
-    table = torch.cat([c.detach().float().cpu() for c in columns], dim=1).numpy().astype("<f4")
+    return torch.cat([c.detach().float().cpu() for c in columns], dim=1).numpy()
+
+
+def splat_ply(table: np.ndarray) -> bytes:
+    """Binary little-endian PLY of `splat_table` rows."""
     header = "".join(
         ["ply\n", "format binary_little_endian 1.0\n", f"element vertex {table.shape[0]}\n"]
         + [f"property float {name}\n" for name in _PLY_PROPERTIES]
         + ["end_header\n"]
     )
-    return header.encode("ascii") + np.ascontiguousarray(table).tobytes()
+    return header.encode("ascii") + np.ascontiguousarray(table, dtype="<f4").tobytes()
+
+
+def gaussians_ply(gaussians: GaussianSet) -> bytes:
+    """One object's Gaussians as the official `Gaussian.save_ply` file."""
+    return splat_ply(splat_table(gaussians))
 
 
 def sincos_position_embedding(positions: torch.Tensor, channels: int) -> torch.Tensor:

@@ -240,4 +240,6 @@ class SLatMeshDecoder(SwinLatentDecoder):
     def forward(self, x: SparseVoxels) -> list[MeshExtractResult]:
         """Decode de-normalised structured latents (coords sorted by batch) into one mesh per batch item."""
         out = self.features(x)
-        return [self.mesh_extractor(out.coords[rows, 1:], out.feats[rows]) for rows in out.batch_slices()]
+        feats = out.feats.float()  # FlexiCubes runs in fp32 whatever the network's precision
+        with torch.autocast(feats.device.type, enabled=False):
+            return [self.mesh_extractor(out.coords[rows, 1:], feats[rows]) for rows in out.batch_slices()]
