@@ -12,20 +12,13 @@ import yaml
 
 from models.sam3d_objects.condition_embedder import EmbedderFuser, build_condition_embedder
 from models.sam3d_objects.dinov2 import DINOV2_SPECS, DinoV2Model
+from tests.parity.sam3d_objects import EMBEDDER_PREFIX, assert_within_tolerance, condition_embedder_rows, embedder_state
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "condition_embedder"
 CKPT_A = FIXTURES / "parity_a" / "ss_generator" / "ss_generator.ckpt"
-PREFIX = "_base_models.condition_embedder."
-ATOL = 1e-4
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
-
-
-def embedder_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The `_base_models.condition_embedder.*` entries of a generator checkpoint, prefix stripped."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    return {key.removeprefix(PREFIX): value for key, value in state.items() if key.startswith(PREFIX)}
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +39,9 @@ def test_state_dict_keys_match_checkpoint() -> None:
 
 
 @needs_fixtures
-def test_tokens_match_official(fuser_a: EmbedderFuser) -> None:
-    inputs = {key: torch.from_numpy(value) for key, value in np.load(PARITY_A / "inputs.npz").items()}
-    expected = np.load(PARITY_A / "expected.npz")
-    with torch.no_grad():
-        tokens = fuser_a(**inputs)
-        actual = {"tokens": tokens}
-        for spec in fuser_a.inputs:
-            raw = fuser_a.module_list[spec.embedder](inputs[spec.name])
-            actual[f"raw.{spec.name}"] = raw
-            actual[f"proj.{spec.name}"] = fuser_a.projection_nets[spec.embedder](raw)
-
-    assert set(expected) <= set(actual)
-    errors = {}
-    for name in expected:
-        assert actual[name].shape == expected[name].shape, name
-        errors[name] = float(np.abs(actual[name].numpy() - expected[name]).max())
-    print("max |diff|:", {name: f"{error:.2e}" for name, error in errors.items()})
-    assert all(error <= ATOL for error in errors.values()), errors
+def test_tokens_match_official() -> None:
+    """Tokens, raw embedder outputs and projections (the parity runner's rows; atol 1e-4)."""
+    assert_within_tolerance(condition_embedder_rows(PARITY_A))
 
 
 @needs_fixtures
@@ -98,7 +76,9 @@ def test_released_configs_match_manifests(name: str) -> None:
     with torch.device("meta"):
         model = build_condition_embedder(config["module"]["condition_embedder"]["backbone"])
     manifest = json.loads((FIXTURES / "manifests" / f"{name}.json").read_text())["keys"]
-    expected = {key.removeprefix(PREFIX): v["shape"] for key, v in manifest.items() if key.startswith(PREFIX)}
+    expected = {
+        key.removeprefix(EMBEDDER_PREFIX): v["shape"] for key, v in manifest.items() if key.startswith(EMBEDDER_PREFIX)
+    }
     assert {key: list(value.shape) for key, value in model.state_dict().items()} == expected
 
 

@@ -5,67 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from models.sam3d_objects.gaussian_decoder import GaussianSet, SLatGaussianDecoder, gaussians_ply
-from models.sam3d_objects.sparse_attention import SparseVoxels, windowed_self_attention
+from models.sam3d_objects.gaussian_decoder import SLatGaussianDecoder
+from models.sam3d_objects.sparse_attention import windowed_self_attention
+from tests.parity.sam3d_objects import GAUSSIAN_FIELDS, assert_within_tolerance, slat_decoder_gs_rows
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "slat_decoder_gs"
 REAL_CONFIG = FIXTURES / "configs_used" / "slat_decoder_gs.yaml"
 MANIFESTS = FIXTURES / "manifests"
-ATOL = 1e-4
-FIELDS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity")
-ACTIVATED = ("get_xyz", "get_scaling", "get_rotation", "get_opacity")
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 
 
-@pytest.fixture(scope="module")
-def decoded() -> GaussianSet:
-    """The parity decode, once per module, on 1 thread as the fixture was made (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = SLatGaussianDecoder.from_config(PARITY_A / "config.yaml").eval()
-        state = torch.load(PARITY_A / "slat_decoder_gs.ckpt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-        inputs = np.load(PARITY_A / "inputs.npz")
-        voxels = SparseVoxels(torch.from_numpy(inputs["coords"]), torch.from_numpy(inputs["feats"]))
-        with torch.no_grad():
-            (gaussians,) = model(voxels)
-    finally:
-        torch.set_num_threads(threads)
-    return gaussians
-
-
 @needs_fixtures
-def test_fields_match_official(decoded: GaussianSet) -> None:
-    expected = np.load(PARITY_A / "expected.npz")
-    errors = {}
-    for name in FIELDS + ACTIVATED:
-        ours = getattr(decoded, name).numpy()
-        assert ours.shape == expected[name].shape, name
-        errors[name] = float(np.abs(ours - expected[name]).max())
-    print("max |ours - official|:", {name: f"{err:.2e}" for name, err in errors.items()})
-    assert all(err <= ATOL for err in errors.values()), errors
-
-
-@needs_fixtures
-def test_ply_matches_official(decoded: GaussianSet) -> None:
-    ours = gaussians_ply(decoded)
-    theirs = (PARITY_A / "expected_gaussians.ply").read_bytes()
-    split = theirs.index(b"end_header\n") + len(b"end_header\n")
-    assert ours[:split] == theirs[:split]
-    assert len(ours) == len(theirs)
-    ours_table = np.frombuffer(ours[split:], dtype="<f4").reshape(-1, 17)
-    theirs_table = np.frombuffer(theirs[split:], dtype="<f4").reshape(-1, 17)
-    err = np.abs(ours_table - theirs_table).max(axis=0)
-    print("PLY max error per property:", np.array2string(err, precision=2))
-    # log(scale) and logit(opacity) amplify the raw 1e-4 tolerance a little.
-    np.testing.assert_allclose(ours_table, theirs_table, rtol=0, atol=1e-3)
+def test_gaussians_and_ply_match_official() -> None:
+    """Raw and activated fields, the Hammersley offsets and the PLY file (the parity runner's rows)."""
+    assert_within_tolerance(slat_decoder_gs_rows(PARITY_A))
 
 
 @needs_fixtures
@@ -107,7 +65,7 @@ def test_config_refuses_unknown_keys() -> None:
         "num_blocks": 2,
         "num_heads": 4,
         "representation_config": {
-            "lr": dict.fromkeys(FIELDS, 1.0),
+            "lr": dict.fromkeys(GAUSSIAN_FIELDS, 1.0),
             "perturb_offset": True,
             "voxel_size": 1.5,
             "num_gaussians": 4,

@@ -3,60 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from models.sam3d_objects.sparse_structure_decoder import SparseStructureDecoder, occupied_coords
+from models.sam3d_objects.sparse_structure_decoder import SparseStructureDecoder
+from tests.parity.sam3d_objects import assert_within_tolerance, ss_decoder_rows
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "ss_decoder"
 REAL_CONFIG = FIXTURES / "configs_used" / "ss_decoder.yaml"
 MANIFEST = FIXTURES / "manifests" / "ss_decoder.json"
-ATOL = 1e-4
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The fixture was made with 1 thread; conv3d summation order changes with the thread count (~4e-6)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_decoder() -> SparseStructureDecoder:
-    model = SparseStructureDecoder.from_config(PARITY_A / "config.yaml").eval()
-    state = torch.load(PARITY_A / "ss_decoder.ckpt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 @needs_fixtures
-@pytest.mark.usefixtures("one_thread")
 def test_logits_and_coords_match_official() -> None:
-    model = load_decoder()
-    inputs = np.load(PARITY_A / "inputs.npz")
-    expected = np.load(PARITY_A / "expected.npz")
-    with torch.no_grad():
-        logits = model(torch.from_numpy(inputs["x"]))
-        from_tokens = model(SparseStructureDecoder.flat_to_cube(torch.from_numpy(inputs["shape_latent_tokens"])))
-
-    assert logits.shape == expected["logits"].shape
-    np.testing.assert_allclose(logits.numpy(), expected["logits"], rtol=0, atol=ATOL)
-    assert torch.equal(from_tokens, logits)
-
-    coords = occupied_coords(logits)
-    assert coords.dtype == torch.int32
-    ours = {tuple(row) for row in coords.tolist()}
-    theirs = {tuple(row) for row in expected["coords"].tolist()}
-    b, i, j, k = np.array(sorted(ours ^ theirs), dtype=np.int64).reshape(-1, 4).T
-    assert np.all(np.abs(expected["logits"][b, 0, i, j, k]) < ATOL)
+    """Logits of the shape tokens (reshaped as the pipeline does) and the occupied coords (the runner's rows)."""
+    assert_within_tolerance(ss_decoder_rows(PARITY_A))
 
 
 @needs_fixtures

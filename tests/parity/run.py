@@ -1,10 +1,13 @@
 """Compare our models with the official implementations' recorded outputs.
 
     python tests/parity/run.py sam3d-body FIXTURE_DIR
+    python tests/parity/run.py sam3d-objects FIXTURE_DIR
 
-A fixture folder holds the model files in release layout, an `input.json` and the official
-outputs (`expected.npz` for "body" mode, `expected_full.npz` for "full"). Prints the max error of
-every compared array and exits 1 when one is above its tolerance (2 when the folder is unusable).
+A sam3d-body fixture folder holds the model files in release layout, an `input.json` and the official
+outputs (`expected.npz` for "body" mode, `expected_full.npz` for "full"). A sam3d-objects folder is a set
+(e.g. parity_a) with one subfolder per component (condition_embedder, moge, ss_generator, ...; see
+`sam3d_objects.py`); absent components are skipped. Prints the max error of every compared array and exits
+1 when one is above its tolerance (2 when the folder is unusable).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make `tests.parity` importable
+    sys.path.insert(0, str(REPO))
+
+from tests.parity.sam3d_objects import FixtureError, components_in, run_sam3d_objects  # noqa: E402
 
 # Tolerances from the fixtures' READMEs: fp32 noise of the official runs is <= 5e-5 px and <= 6e-7 m.
 TOL_2D_PX = 1e-3
@@ -103,7 +112,20 @@ def run_sam3d_body(folder: Path) -> list[tuple[str, float, float]]:
     return rows
 
 
-RUNNERS: dict[str, Callable[[Path], list[tuple[str, float, float]]]] = {"sam3d-body": run_sam3d_body}
+RUNNERS: dict[str, Callable[[Path], list[tuple[str, float, float]]]] = {
+    "sam3d-body": run_sam3d_body,
+    "sam3d-objects": run_sam3d_objects,
+}
+
+
+def _unusable(model: str, folder: Path) -> str | None:
+    """Why `folder` is not a fixture folder for `model`, or None."""
+    if model == "sam3d-objects":
+        if not components_in(folder):
+            return f"{folder}: no SAM 3D Objects component folder, not a parity set"
+    elif not (folder / "input.json").is_file():
+        return f"{folder}: no input.json, not a fixture folder"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,19 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", choices=sorted(RUNNERS))
     parser.add_argument("fixture", type=Path)
     args = parser.parse_args(argv)
-    if not (args.fixture / "input.json").is_file():
-        print(f"{args.fixture}: no input.json, not a fixture folder", file=sys.stderr)
+    problem = _unusable(args.model, args.fixture)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    rows = RUNNERS[args.model](args.fixture)
+    try:
+        rows = RUNNERS[args.model](args.fixture)
+    except FixtureError as error:
+        print(error, file=sys.stderr)
+        return 2
     if not rows:
         print(f"{args.fixture}: no expected outputs found", file=sys.stderr)
         return 2
     failed = 0
+    width = max(45, *(len(key) for key, _, _ in rows))
     for key, error, tol in rows:
         ok = error <= tol
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {key:45s} max abs {error:.3e}  (tol {tol:.0e})")
+        print(f"{'ok  ' if ok else 'FAIL'} {key:{width}s} max abs {error:.3e}  (tol {tol:.0e})")
     print(f"{len(rows) - failed}/{len(rows)} within tolerance")
     return 1 if failed else 0
 
