@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from pipeline.schemas import Sam3DBodyParams, Sam3ImageParams
+from pipeline.schemas import Sam3DBodyParams, Sam3DObjectsParams, Sam3ImageParams
+
+# What a mask parameter holds in a stored job once the gateway has decoded the mask and stored it beside the
+# image: the parameter stays set, so that validation that depends on it holds in the worker too.
+STORED_MASK = "stored with the image"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,14 @@ TASKS: dict[str, TaskSpec] = {
             summary="SAM 3D Body: a 3D mesh (MHR) of every person in the image, placed in camera space.",
             params=Sam3DBodyParams,
             weights=("sam3", "sam-3d-body-{body_variant}"),
+            primary_content_type="model/gltf-binary",
+            mask_params=("mask",),
+        ),
+        TaskSpec(
+            name="sam-3d-objects",
+            summary="SAM 3D Objects: the prompted object as a textured mesh and 3D Gaussians, placed in camera space.",
+            params=Sam3DObjectsParams,
+            weights=("sam3", "sam-3d-objects", "moge"),
             primary_content_type="model/gltf-binary",
             mask_params=("mask",),
         ),

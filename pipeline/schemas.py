@@ -159,3 +159,85 @@ class Sam3DBodyParams(BaseModel):
 
     def check_bounds(self, width: int, height: int) -> None:
         """Nothing here refers to image coordinates; masks are checked by the gateway."""
+
+
+class Sam3DObjectsParams(BaseModel):
+    """sam-3d-objects parameters besides the image (Segmind's names first, then this server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(
+        None, max_length=500, description="Text naming the object, e.g. 'chair': SAM 3 finds it (see max_objects)."
+    )
+    bounding_box: Annotated[Box | None, BeforeValidator(_json_list)] = Field(
+        None, description='Box around the one object, "[x1, y1, x2, y2]" in image pixels (SAM 3 segments it).'
+    )
+    point_coords: Annotated[list[Point] | None, BeforeValidator(_pairs)] = Field(
+        None, description='Clicks on the one object, "[[x, y], ...]" in image pixels (with or without bounding_box).'
+    )
+    point_labels: Annotated[list[Literal[0, 1]] | None, BeforeValidator(_labels)] = Field(
+        None, description='One label per click, 1 foreground / 0 background, e.g. "[1, 0]". Default: all 1.'
+    )
+    mask: str | None = Field(
+        None,
+        description="Object mask image (URL, base64 or data: URI), white = object, same size as the image: "
+        "no segmentation step.",
+    )
+    seed: int = Field(123, ge=0, le=1_000_000, description="Seed of the sampling noise: same request, same result.")
+    include_artifacts: bool = Field(
+        False, description="Also output a ZIP of the mask, pointmap, voxels, splat, mesh and a JSON of parameters."
+    )
+    max_objects: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="With prompt: reconstruct up to this many instances, best scores first, in one scene.",
+    )
+    detection_threshold: float = Field(0.5, ge=0.05, le=1.0, description="Minimum SAM 3 score of a prompt match.")
+    preset: Literal["quality", "fast"] = Field(
+        "quality",
+        description="quality: as released (geometry 25 guided steps, latent 25). fast: geometry 4 shortcut steps "
+        "without guidance (the release's distilled path), latent 12 steps.",
+    )
+    geometry_steps: int | None = Field(None, ge=1, le=50, description="Override the preset's geometry sampling steps.")
+    latent_steps: int | None = Field(None, ge=1, le=50, description="Override the preset's latent sampling steps.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Sam3DObjectsParams:
+        if self.prompt is not None:
+            self.prompt = self.prompt.strip() or None
+        if self.point_labels is not None:
+            if not self.point_coords:
+                raise ValueError("point_labels: given without point_coords")
+            if len(self.point_labels) not in (1, len(self.point_coords)):
+                raise ValueError(
+                    f"point_labels: {len(self.point_labels)} labels for {len(self.point_coords)} points "
+                    "(give one per point, or one for all)"
+                )
+        if self.bounding_box is not None:
+            x1, y1, x2, y2 = self.bounding_box
+            if not (x2 > x1 and y2 > y1):
+                raise ValueError("bounding_box: must have x2 > x1 and y2 > y1")
+        selects = self.bounding_box is not None or bool(self.point_coords)
+        if self.mask is not None and (self.prompt or selects):
+            raise ValueError("mask: give either mask or prompt / bounding_box / point_coords, not both")
+        if self.prompt and selects:
+            raise ValueError("prompt: give either a text prompt or bounding_box / point_coords, not both")
+        if not (self.mask or self.prompt or selects):
+            raise ValueError("prompt: give the object as prompt, bounding_box, point_coords or mask")
+        return self
+
+    def check_bounds(self, width: int, height: int) -> None:
+        """Prompts must lie on the image; raises ValueError naming the parameter."""
+        for i, (x, y) in enumerate(self.point_coords or []):
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"point_coords: point {i} ({x}, {y}) is outside the {width}x{height} image")
+        if self.bounding_box is not None:
+            x1, y1, x2, y2 = self.bounding_box
+            if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
+                raise ValueError(f"bounding_box: lies outside the {width}x{height} image")
+
+    @property
+    def labels(self) -> list[int]:
+        labels = self.point_labels or [1]
+        return labels * len(self.point_coords or ()) if len(labels) == 1 else labels

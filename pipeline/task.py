@@ -27,3 +27,8 @@ class TaskOutput:
     files: dict[str, str | list[str]]  # response key -> file name(s)
     data: dict  # JSON-serialisable outputs
     metrics: dict = field(default_factory=dict)
+
+
+class TaskError(Exception):
+    """A job that cannot be done as asked (say, no object matched its prompt). A pipeline returns it in place
+    of that job's output; its message is the job's error, shown to the client as is."""

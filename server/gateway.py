@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from litserve.utils import ResponseBufferItem
 from pydantic import BaseModel, ValidationError
 
-from pipeline.registry import TASKS, TaskSpec
+from pipeline.registry import STORED_MASK, TASKS, TaskSpec
 from server import observability
 from server.artifacts import ArtifactStore, S3ArtifactStore, new_token
 from server.auth import ApiKeys
@@ -200,7 +200,7 @@ class Gateway:
         for name in spec.mask_params:
             if getattr(validated, name) is not None:
                 masks[name] = await self._load_mask(name, getattr(validated, name), pixels.shape[:2])
-                validated = validated.model_copy(update={name: None})  # stored beside the image instead
+                validated = validated.model_copy(update={name: STORED_MASK})
 
         job_id = new_job_id()
         observability.set_request_id(job_id)  # the rest of this HTTP request logs with it

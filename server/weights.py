@@ -78,11 +78,14 @@ def verify(weights_dir: Path) -> list[VerifyResult]:
     """Load every present weight set and report missing/unexpected keys."""
     from models.sam3 import CheckpointError, load_sam3
     from models.sam3d_body.checkpoint import verify_sam3d_body
+    from models.sam3d_objects.checkpoint import verify_moge, verify_sam3d_objects
 
     loaders = {
         "sam3": lambda folder: load_sam3(folder).report.describe(),
         "sam-3d-body-dinov3": verify_sam3d_body,
         "sam-3d-body-vith": verify_sam3d_body,
+        "sam-3d-objects": lambda folder: verify_sam3d_objects(folder / "checkpoints"),
+        "moge": lambda folder: verify_moge(folder / "model.pt"),
     }
     results = []
     for name, entry in MANIFEST.items():

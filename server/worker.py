@@ -24,7 +24,7 @@ import litserve as ls
 import numpy as np
 
 from pipeline.registry import TASKS
-from pipeline.task import TaskInput, TaskOutput
+from pipeline.task import TaskError, TaskInput, TaskOutput
 from server import observability
 from server.config import ServeConfig
 from server.jobs import Job, JobState
@@ -142,7 +142,11 @@ class ModelWorker(ls.LitAPI):
             self._finish(job, error=f"Error while running {model}: {type(exc).__name__}: {exc}")
             return
         for (job, _), output in zip(ready, outputs):
-            self._finish(job, output=output, files=saved[job.id], batch_size=len(ready))
+            if isinstance(output, TaskError):
+                self.artifacts.delete(job.files_token)
+                self._finish(job, error=str(output))
+            else:
+                self._finish(job, output=output, files=saved[job.id], batch_size=len(ready))
 
     def _finish(
         self,

@@ -52,6 +52,34 @@ def body_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def objects_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sam3/` plus `sam-3d-objects/checkpoints/` and `moge/model.pt`: a tiny random SAM 3D Objects release
+    (pipeline.yaml, per-model yamls and .ckpt files) and MoGe, in the layouts the Hub has them."""
+    from models.sam3d_objects.random_checkpoint import write_random_snapshot
+
+    root = tmp_path_factory.mktemp("objects-weights")
+    (root / "sam3").symlink_to(weights_dir / "sam3")
+    write_random_snapshot(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def all_weights_dir(
+    body_weights_dir: Path, objects_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every model's weights in one directory (links): SAM 3 and SAM 3D Body, SAM 3D Objects and MoGe."""
+    root = tmp_path_factory.mktemp("all-weights")
+    for source, name in [
+        (body_weights_dir, "sam3"),
+        (body_weights_dir, "sam-3d-body-dinov3"),
+        (objects_weights_dir, "sam-3d-objects"),
+        (objects_weights_dir, "moge"),
+    ]:
+        (root / name).symlink_to(source / name)
+    return root
+
+
+@pytest.fixture(scope="session")
 def empty_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("no-weights")
 

@@ -32,6 +32,12 @@ def test_verify_passes_on_a_complete_checkpoint(weights_dir):
     assert done.returncode == 0 and "sam3: ok: all keys match" in done.stdout
 
 
+def test_verify_checks_the_sam3d_objects_release_and_moge(objects_weights_dir):
+    done = cli("weights", "verify", "--weights-dir", str(objects_weights_dir))
+    assert done.returncode == 0, done.stdout
+    assert "sam-3d-objects: ok: all keys match" in done.stdout and "moge: ok: all keys match" in done.stdout
+
+
 def test_verify_names_missing_and_unexpected_keys(weights_dir, tmp_path):
     shutil.copytree(weights_dir / "sam3", tmp_path / "sam3")
     state = load_file(tmp_path / "sam3" / "model.safetensors")

@@ -185,13 +185,13 @@ def test_missing_and_misshaped_keys_are_named(copy_of: tuple[Path, Path]) -> Non
 
     _edit_ckpt(checkpoints / "slat_generator.ckpt", reshape)
     with pytest.raises(CheckpointError, match=rf"mismatched key\(s\): {key} \(7, 5\)"):
-        verify_sam3d_objects(checkpoints, moge)
+        verify_sam3d_objects(checkpoints)
 
 
 def test_unexplained_generator_keys_are_ignored_but_stray_generator_keys_are_not(copy_of: tuple[Path, Path]) -> None:
     checkpoints, moge = copy_of
     _edit_ckpt(checkpoints / "ss_generator.ckpt", lambda s: s.update({"_base_models.ss_decoder.w": torch.ones(9)}))
-    assert verify_sam3d_objects(checkpoints, moge).startswith("all keys match")
+    assert verify_sam3d_objects(checkpoints).startswith("all keys match")
     stray = GENERATOR_PREFIX + "reverse_fn.other.weight"
     _edit_ckpt(checkpoints / "ss_generator.ckpt", lambda s: s.update({stray: torch.ones(2)}))
     with pytest.raises(CheckpointError, match=rf"unexpected key\(s\): {stray}"):
@@ -231,7 +231,7 @@ def test_unsupported_preprocessor_transform_is_refused(copy_of: tuple[Path, Path
     config["slat_preprocessor"]["img_mask_joint_transform"][0]["padding_factor"] = 0.1
     (checkpoints / "pipeline.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(PipelineConfigError, match="padding_factor"):
-        verify_sam3d_objects(checkpoints, moge)
+        verify_sam3d_objects(checkpoints)
 
 
 def test_checkpoint_with_metadata_loads_only_inside_the_checkpoints_folder(
@@ -243,7 +243,7 @@ def test_checkpoint_with_metadata_loads_only_inside_the_checkpoints_folder(
     path = checkpoints / "slat_generator.ckpt"
     data = torch.load(path, weights_only=True)
     torch.save({**data, "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
-    assert verify_sam3d_objects(checkpoints, moge).startswith("all keys match")
+    assert verify_sam3d_objects(checkpoints).startswith("all keys match")
     assert "full unpickler" in caplog.text
 
     outside = tmp_path / "elsewhere.ckpt"

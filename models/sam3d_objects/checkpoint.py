@@ -600,26 +600,30 @@ def load_sam3d_objects(
     )
 
 
-def verify_sam3d_objects(checkpoints: Path, moge: Path) -> str:
+def verify_sam3d_objects(checkpoints: Path) -> str:
     """Check a release without loading it: pipeline.yaml, every yaml, and every checkpoint's keys and shapes.
 
     Networks are built with meta parameters and the checkpoints are memory-mapped, so this needs little memory.
     Returns a one-line summary with parameter counts; raises naming the offending values or keys.
     """
-    checkpoints, moge = Path(checkpoints), Path(moge)
+    checkpoints = Path(checkpoints)
     settings, configs, ckpts = read_pipeline_config(checkpoints)
     for name in ("ss_generator", "slat_generator"):
         FlowSampler.from_config(_generator_nodes(configs[name])[0])
     modules = build_modules(configs)
     for name in _LOADED:
         _load_network(name, modules, ckpts[name], checkpoints, None)
-    moge_model, moge_state = _read_moge(moge)
-    _checked([(moge_model, moge_state, "")], [], moge)
     counts = {name: _count(module) for name, module in modules.items()}
-    counts["moge"] = _count(moge_model)
     parts = ", ".join(f"{name} {count:,}" for name, count in counts.items())
     return (
         f"all keys match; {sum(counts.values()):,} parameters ({parts}); "
         f"ss {settings.ss_image_size}px x{settings.ss_steps} steps, slat {settings.slat_image_size}px "
         f"x{settings.slat_steps} steps"
     )
+
+
+def verify_moge(path: Path) -> str:
+    """Check MoGe's `model.pt` without loading its weights: config and every key and shape."""
+    model, state = _read_moge(Path(path))
+    _checked([(model, state, "")], [], Path(path))
+    return f"all keys match; {_count(model):,} parameters"

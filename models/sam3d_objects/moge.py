@@ -10,6 +10,7 @@ Checkpoints are the official `model.pt` layout, `{'model_config': dict, 'model':
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,9 +311,11 @@ class MoGeModel(nn.Module):
             low, high = self.config.num_tokens_range
             num_tokens = int(low + (resolution_level / 9) * (high - low))
 
-        with torch.autocast(device_type=image.device.type, dtype=torch.float16, enabled=use_fp16):
+        # Without use_fp16 the caller's precision (an enclosing autocast, if any) applies.
+        precision = torch.autocast(image.device.type, torch.float16) if use_fp16 else contextlib.nullcontext()
+        with precision:
             output = self.forward(image, num_tokens)
-        points, mask = output["points"], output["mask"]
+        points, mask = output["points"].float(), output["mask"].float()
         mask_binary = mask > self.config.mask_threshold
 
         if fov_x is None:

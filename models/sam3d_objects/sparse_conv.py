@@ -63,10 +63,13 @@ def submanifold_conv3d(feats: Tensor, neighbors: Tensor, weight: Tensor, bias: T
             f"neighbors {tuple(neighbors.shape)}"
         )
     w = weight.reshape(c_out, k, c_in)
-    out = feats.new_zeros(n, c_out) if bias is None else bias.expand(n, c_out).clone()
+    # The K³ partial products are summed in fp32 at least, whatever precision the products ran in (autocast).
+    out = feats.new_zeros(n, c_out, dtype=torch.promote_types(feats.dtype, torch.float32))
+    if bias is not None:
+        out += bias
     for o in range(k):
         rows = (neighbors[:, o] < n).nonzero().squeeze(1)
-        out.index_add_(0, rows, feats[neighbors[rows, o]] @ w[:, o].t())
+        out.index_add_(0, rows, (feats[neighbors[rows, o]] @ w[:, o].t()).to(out.dtype))
     return out
 
 
