@@ -1,12 +1,19 @@
 """fal.ai's queue contract for the SAM 3 apps, as `fal-client==1.0.3` expects it: a view of the same jobs.
 
-- Submit `POST /fal-ai/sam-3/{image|3d-body}` with fal's input schema -> `request_id` and absolute
+- Submit `POST /fal-ai/sam-3/{image|3d-body|3d-objects}` with fal's input schema -> `request_id` and absolute
   `status_url`, `response_url`, `cancel_url` (under `/fal-ai/sam-3/requests/{id}`: fal drops the sub-path).
 - Status `GET .../requests/{id}/status[?logs=1]`: IN_QUEUE (with `queue_position`) | IN_PROGRESS |
   COMPLETED; a failed job is COMPLETED with `error` and `error_type`, its result is HTTP 422.
 - Result `GET .../requests/{id}`: fal's output schema of the app.
 - Cancel `PUT .../requests/{id}/cancel`: a queued job FAILS as cancelled; a running one still finishes.
 - Every error is `{"detail": "..."}`. `?fal_webhook=` is refused (400): this server calls no webhooks.
+
+3d-objects (model sam-3d-objects) reconstructs one object per request: from one mask in `mask_urls`, from
+point/box prompts on one object, or from a text `prompt` (its best match). Several masks, several boxes or
+several object_ids are refused (400), as is `pointmap_url` (the pointmap always comes from MoGe). Its
+metadata gives each rotation as fal documents it, an (x, y, z, w) quaternion; SAM 3D Objects and this
+server's Segmind routes give the same rotation as (w, x, y, z). `artifacts_zip` needs `include_artifacts`,
+an input of this server's (fal documents none for it).
 """
 
 from __future__ import annotations
@@ -181,8 +188,110 @@ class BodyOutput(BaseModel):
     metadata: BodyMetadata
 
 
+class ObjectsInput(BaseModel):
+    """fal-ai/sam-3/3d-objects input: one object per request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str = Field(description="Image: http(s) URL or data: URI (`fal_client.encode_file`).")
+    prompt: str | None = Field(
+        None, max_length=500, description="Text naming the object, e.g. 'chair': its best SAM 3 match is reconstructed."
+    )
+    point_prompts: list[PointPrompt] = Field(
+        [], description="Clicks on the one object, in image pixels (with or without one box)."
+    )
+    box_prompts: list[BoxPrompt] = Field(
+        [], description="At most one box, around the one object, in image pixels (several objects are not served)."
+    )
+    mask_urls: list[str] = Field(
+        [],
+        description="One object mask (white = object, the image's size): no segmentation step. A list, as fal "
+        "has it, of one: several masks (one object each) are not served.",
+    )
+    seed: int | None = Field(None, ge=0, le=1_000_000, description="Seed of the sampling noise. Default: 123.")
+    pointmap_url: str | None = Field(
+        None, description="Not supported: this server computes the pointmap with MoGe; a supplied one is not read."
+    )
+    detection_threshold: float | None = Field(
+        None, ge=0.05, le=1.0, description="Minimum SAM 3 score of a `prompt` match. Default: 0.5."
+    )
+    include_artifacts: bool = Field(
+        False,
+        description="This server's own input (fal documents none): add `artifacts_zip`, the mask, pointmap, "
+        "voxels, splat, mesh and a JSON of parameters.",
+    )
+
+    @model_validator(mode="after")
+    def _supported(self) -> ObjectsInput:
+        if self.prompt is not None:
+            self.prompt = self.prompt.strip() or None
+        if self.pointmap_url is not None:
+            raise ValueError("pointmap_url: not supported; this server computes the pointmap with MoGe (leave it out)")
+        if len(self.mask_urls) > 1:
+            raise ValueError(
+                f"mask_urls: {len(self.mask_urls)} masks given; one is served (one object per mask is not supported)"
+            )
+        if len(self.box_prompts) > 1:
+            raise ValueError("box_prompts: one box is served (several objects per request are not supported)")
+        ids = {p.object_id for p in [*self.point_prompts, *self.box_prompts] if p.object_id is not None}
+        if len(ids) > 1:
+            name = "box_prompts" if self.box_prompts else "point_prompts"
+            raise ValueError(f"{name}: all prompts must share one object_id (several objects are not supported)")
+        selects = bool(self.point_prompts or self.box_prompts)
+        if self.mask_urls and (self.prompt or selects):
+            raise ValueError("mask_urls: give either a mask or prompt / point_prompts / box_prompts, not both")
+        if self.prompt and selects:
+            raise ValueError("prompt: give either a text prompt or point_prompts / box_prompts, not both")
+        if not (self.mask_urls or self.prompt or selects):
+            raise ValueError("prompt: give the object as prompt, point_prompts, box_prompts or mask_urls")
+        return self
+
+    def params(self) -> dict:
+        """Sam3DObjectsParams (pipeline/schemas.py) of this input."""
+        box = self.box_prompts[0] if self.box_prompts else None
+        optional = {"seed": self.seed, "detection_threshold": self.detection_threshold}
+        return {
+            "prompt": self.prompt,
+            "bounding_box": [box.x_min, box.y_min, box.x_max, box.y_max] if box else None,
+            "point_coords": [[p.x, p.y] for p in self.point_prompts] or None,
+            "point_labels": [p.label for p in self.point_prompts] or None,
+            "mask": self.mask_urls[0] if self.mask_urls else None,
+            "include_artifacts": self.include_artifacts,
+            **{name: value for name, value in optional.items() if value is not None},
+        }
+
+    def view(self) -> dict:
+        return {}
+
+
+class ObjectMetadata(BaseModel):
+    object_index: int
+    score: float | None = Field(description="SAM 3 score of the object's mask (null for a given mask).")
+    scale: list[float] = Field(description="[sx, sy, sz], object frame to camera frame.")
+    rotation: list[float] = Field(
+        description="Unit quaternion in (x, y, z, w) order, as fal documents it (SAM 3D Objects and this "
+        "server's Segmind routes give (w, x, y, z)); object frame to the PyTorch3D camera frame."
+    )
+    rotation_order: Literal["xyzw"] = Field("xyzw", description="The order of `rotation`: always xyzw here.")
+    translation: list[float] = Field(description="[tx, ty, tz], PyTorch3D camera frame (x left, y up, z forward).")
+    camera_pose: list[list[float]] = Field(description="4x4 object-to-camera matrix (scale, rotation, translation).")
+
+
+class ObjectsOutput(BaseModel):
+    """fal-ai/sam-3/3d-objects output."""
+
+    model_glb: File = Field(description="The posed object meshes with vertex colours, glTF camera axes.")
+    gaussian_splat: File = Field(description="The posed objects as 3D Gaussians, a standard 3DGS .ply.")
+    metadata: list[ObjectMetadata]
+    individual_glbs: list[File] | None = Field(None, description="One .glb per object, when there are several.")
+    individual_splats: list[File] | None = Field(None, description="One .ply per object, when there are several.")
+    artifacts_zip: File | None = Field(None, description="With include_artifacts: the processing artifacts.")
+
+
+FalInput = ImageInput | BodyInput | ObjectsInput
+
 # app (the path after fal-ai/sam-3/) -> (our model, its input schema, our parameter names -> fal's)
-APPS: dict[str, tuple[str, type[ImageInput] | type[BodyInput], dict[str, str]]] = {
+APPS: dict[str, tuple[str, type[FalInput], dict[str, str]]] = {
     "image": (
         "sam3-image",
         ImageInput,
@@ -195,6 +304,17 @@ APPS: dict[str, tuple[str, type[ImageInput] | type[BodyInput], dict[str, str]]] 
         },
     ),
     "3d-body": ("sam-3d-body", BodyInput, {"image": "image_url", "mask": "mask_url"}),
+    "3d-objects": (
+        "sam-3d-objects",
+        ObjectsInput,
+        {
+            "image": "image_url",
+            "bounding_box": "box_prompts",
+            "point_coords": "point_prompts",
+            "point_labels": "point_prompts",
+            "mask": "mask_urls",
+        },
+    ),
 }
 MODEL_APP = {model: app for app, (model, _, _) in APPS.items()}
 
@@ -308,7 +428,30 @@ def build_router(gateway: Gateway) -> APIRouter:
         )
         return output.model_dump()
 
-    def add_app_route(app: str, model: str, schema: type[ImageInput] | type[BodyInput], names: dict[str, str]) -> None:
+    def objects_output(job: Job, base: str) -> dict:
+        result = job.result
+        outputs = result["outputs"]
+
+        def files(key: str) -> list[dict] | None:
+            return [gateway.file_object(base, job, n) for n in outputs[key]] if key in outputs else None
+
+        metadata = []
+        for entry in result["data"]["metadata"]:
+            w, x, y, z = entry["rotation"]  # SAM 3D Objects' (w, x, y, z)
+            metadata.append(ObjectMetadata.model_validate({**entry, "rotation": [x, y, z, w]}))
+        output = ObjectsOutput(
+            model_glb=gateway.file_object(base, job, result["primary"]),
+            gaussian_splat=gateway.file_object(base, job, outputs["gaussian_splat"]),
+            metadata=metadata,
+            individual_glbs=files("individual_glbs"),
+            individual_splats=files("individual_splats"),
+            artifacts_zip=gateway.file_object(base, job, outputs["artifacts"]) if "artifacts" in outputs else None,
+        )
+        return output.model_dump()
+
+    render = {"image": image_output, "3d-body": body_output, "3d-objects": objects_output}
+
+    def add_app_route(app: str, model: str, schema: type[FalInput], names: dict[str, str]) -> None:
         async def submit(request: Request) -> JSONResponse:
             if "fal_webhook" in request.query_params:
                 raise ApiError(400, "fal_webhook: webhooks are not supported; poll status_url instead")
@@ -361,7 +504,7 @@ def build_router(gateway: Gateway) -> APIRouter:
     @router.get(
         PREFIX + "/requests/{request_id}",
         summary="Request result (fal queue)",
-        responses={200: {"description": "The app's output", "model": ImageOutput | BodyOutput}},
+        responses={200: {"description": "The app's output", "model": ImageOutput | BodyOutput | ObjectsOutput}},
     )
     async def result(request_id: str, request: Request) -> JSONResponse:
         job = await gateway.job(request_id)
@@ -369,8 +512,7 @@ def build_router(gateway: Gateway) -> APIRouter:
             raise ApiError(422, job.error or "Failed")
         if not job.finished:
             raise ApiError(400, f"Request {request_id} is still in progress")
-        output = body_output if MODEL_APP[job.model] == "3d-body" else image_output
-        return JSONResponse(output(job, gateway.base_url(request)))
+        return JSONResponse(render[MODEL_APP[job.model]](job, gateway.base_url(request)))
 
     @router.put(PREFIX + "/requests/{request_id}/cancel", summary="Cancel a queued request (fal queue)")
     async def cancel(request_id: str) -> JSONResponse:

@@ -32,6 +32,11 @@ IMAGE = "data:image/png;base64," + png_b64(noise_image(HEIGHT, WIDTH, seed=3))
 MASK = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
 MASK[40:200, 110:190] = 255  # one person, box (110, 40, 190, 200)
 SMALL = "data:image/png;base64," + png_b64(noise_image(64, 64, seed=100))
+OBJECT_HEIGHT, OBJECT_WIDTH = 96, 128
+OBJECT_IMAGE = "data:image/png;base64," + png_b64(noise_image(OBJECT_HEIGHT, OBJECT_WIDTH, seed=5))
+OBJECT_MASK = np.zeros((OBJECT_HEIGHT, OBJECT_WIDTH), dtype=np.uint8)
+OBJECT_MASK[20:70, 30:90] = 255
+OBJECT_MASK_URI = "data:image/png;base64," + png_b64(OBJECT_MASK)
 BLOCKER = {"image": png_b64(noise_image(64, 64, seed=100)), "points_per_side": 64}  # a couple of seconds
 
 
@@ -61,11 +66,11 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(body_weights_dir, tmp_path_factory):
+def server(all_weights_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fal")
     cert, key = self_signed(root)
     args = ("--api-key", KEY, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--max-batch-size", "1")
-    proc = ServerProcess(body_weights_dir, root / "data", *args).start()
+    proc = ServerProcess(all_weights_dir, root / "data", *args).start()
     proc.cert = cert
     yield proc
     proc.terminate()
@@ -197,7 +202,7 @@ def test_errors_are_fal_details(server):
         f"""
         for name, call in [
             ("key", lambda: fal_client.submit("fal-ai/sam-3/image", {{"image_url": {SMALL!r}}})),
-            ("app", lambda: fal_client.submit("fal-ai/sam-3/3d-objects", {{"image_url": {SMALL!r}}})),
+            ("app", lambda: fal_client.submit("fal-ai/sam-3/video", {{"image_url": {SMALL!r}}})),
         ]:
             try:
                 call()
@@ -208,8 +213,9 @@ def test_errors_are_fal_details(server):
     )
     assert out["key"] == [401, "Invalid API key"]
     headers = {"Authorization": f"Key {KEY}"}
-    unknown = httpx.post(f"{server.url}/fal-ai/sam-3/3d-objects", json={}, headers=headers, verify=server.verify)
-    assert unknown.status_code == 404 and "fal-ai/sam-3/3d-objects" in unknown.json()["detail"]
+    unknown = httpx.post(f"{server.url}/fal-ai/sam-3/video", json={}, headers=headers, verify=server.verify)
+    assert unknown.status_code == 404 and "fal-ai/sam-3/video" in unknown.json()["detail"]
+    assert "fal-ai/sam-3/3d-objects" in unknown.json()["detail"]  # the served apps are listed
     base = f"{server.url}/fal-ai/sam-3/requests/nope"
     assert httpx.get(f"{base}/status", headers=headers, verify=server.verify).json() == {
         "detail": "Request nope not found"
@@ -223,3 +229,95 @@ def test_errors_are_fal_details(server):
         verify=server.verify,
     )
     assert hook.status_code == 400 and hook.json()["detail"].startswith("fal_webhook:")
+
+
+def test_objects_through_subscribe_with_a_mask_and_the_same_job_on_segmind(server):
+    """One mask in `mask_urls` (a data URI from fal_client.encode): the scene GLB, the splat and the artifacts;
+    the metadata's rotation is the Segmind result's (w, x, y, z) quaternion reordered to fal's (x, y, z, w)."""
+    mask_png = OBJECT_MASK_URI.split(",", 1)[1]
+    out = fal(
+        server,
+        f"""
+        import base64
+        mask = fal_client.encode(base64.b64decode({mask_png!r}), "image/png")
+        ids = []
+        out["result"] = fal_client.subscribe(
+            "fal-ai/sam-3/3d-objects",
+            {{"image_url": {OBJECT_IMAGE!r}, "mask_urls": [mask], "seed": 7, "include_artifacts": True}},
+            on_enqueue=ids.append,
+        )
+        out["id"] = ids[0]
+        """,
+    )
+    result = out["result"]
+    files = {"model_glb", "gaussian_splat", "individual_glbs", "individual_splats", "artifacts_zip"}
+    assert set(result) == files | {"metadata"}
+    assert result["individual_glbs"] is None and result["individual_splats"] is None  # one object
+    assert result["model_glb"]["content_type"] == "model/gltf-binary"
+    assert [result[k]["file_name"] for k in ("model_glb", "gaussian_splat", "artifacts_zip")] == [
+        "scene.glb",
+        "scene.ply",
+        "artifacts.zip",
+    ]
+    assert fetch(server, result["model_glb"]["url"]).content[:4] == b"glTF"
+    assert fetch(server, result["gaussian_splat"]["url"]).content.startswith(b"ply\n")
+    assert fetch(server, result["artifacts_zip"]["url"]).content[:2] == b"PK"
+    (meta,) = result["metadata"]
+    assert meta["object_index"] == 0 and meta["rotation_order"] == "xyzw"
+
+    segmind = httpx.get(f"{server.url}/v2/requests/{out['id']}", headers={"x-api-key": KEY}, verify=server.verify)
+    assert segmind.status_code == 200 and segmind.json()["status"] == "COMPLETED"
+    (ours,) = segmind.json()["metadata"]
+    w, x, y, z = ours["rotation"]
+    assert meta["rotation"] == [x, y, z, w]
+    assert all(meta[k] == ours[k] for k in ("scale", "translation", "camera_pose"))
+    assert segmind.json()["gaussian_splat"]["file_name"] == result["gaussian_splat"]["file_name"]
+
+
+def test_objects_prompt_without_a_match_is_a_completed_request_with_an_error(server):
+    out = fal(
+        server,
+        f"""
+        handle = fal_client.submit(
+            "fal-ai/sam-3/3d-objects", {{"image_url": {OBJECT_IMAGE!r}, "prompt": "car", "detection_threshold": 1.0}}
+        )
+        for status in handle.iter_events(with_logs=True, interval=0.1):
+            pass
+        out["status"] = {{"kind": type(status).__name__, "error": status.error, "error_type": status.error_type}}
+        try:
+            handle.get()
+        except fal_client.client.FalClientHTTPError as error:
+            out["result"] = [error.status_code, error.response.json()]
+        """,
+    )
+    assert out["status"]["kind"] == "Completed" and out["status"]["error_type"] == "runner_error"
+    assert "no object matched prompt 'car'" in out["status"]["error"]
+    assert out["result"] == [422, {"detail": out["status"]["error"]}]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"mask_urls": [OBJECT_MASK_URI, OBJECT_MASK_URI]}, "mask_urls: 2 masks given; one is served"),
+        ({"mask_urls": [SMALL]}, "mask_urls: must be the same size as the image (128x96), got 64x64"),
+        ({"mask_urls": [OBJECT_MASK_URI], "pointmap_url": "https://example.com/p.npy"}, "pointmap_url: not supported"),
+        ({"mask_urls": [OBJECT_MASK_URI], "seed": 1_000_001}, "seed: Input should be less than or equal to 1000000"),
+        ({"box_prompts": [{"x_min": 0, "y_min": 0, "x_max": 9, "y_max": 9}] * 2}, "box_prompts: one box is served"),
+        ({"box_prompts": [{"x_min": 0, "y_min": 0, "x_max": 500, "y_max": 9}]}, "box_prompts: lies outside"),
+        (
+            {"point_prompts": [{"x": 1, "y": 1, "object_id": 1}, {"x": 2, "y": 2, "object_id": 2}]},
+            "point_prompts: all prompts must share one object_id",
+        ),
+        ({"prompt": "cup", "mask_urls": [OBJECT_MASK_URI]}, "mask_urls: give either a mask or prompt"),
+        ({}, "prompt: give the object as prompt, point_prompts, box_prompts or mask_urls"),
+        ({"prompt": "cup", "preset": "fast"}, "preset: unknown parameter"),
+    ],
+)
+def test_bad_objects_input_is_400_naming_fals_parameter(server, body, message):
+    response = httpx.post(
+        f"{server.url}/fal-ai/sam-3/3d-objects",
+        json={"image_url": OBJECT_IMAGE, **body},
+        headers={"Authorization": f"Key {KEY}"},
+        verify=server.verify,
+    )
+    assert response.status_code == 400 and response.json()["detail"].startswith(message), response.text

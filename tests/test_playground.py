@@ -1,5 +1,6 @@
 """The browser playground in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by
-selenium): a sam3-image job and a sam-3d-body job with a mask, run from the page as a user would.
+selenium): a sam3-image job, a sam-3d-body job and a sam-3d-objects job with a mask, run from the page as
+a user would.
 
 Screenshots of each page state go to the test's tmp directory; their paths are printed (pytest -s).
 """
@@ -33,8 +34,8 @@ JOB_TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def server(body_weights_dir, tmp_path_factory):
-    proc = ServerProcess(body_weights_dir, tmp_path_factory.mktemp("playground") / "data", "--api-key", KEY).start()
+def server(all_weights_dir, tmp_path_factory):
+    proc = ServerProcess(all_weights_dir, tmp_path_factory.mktemp("playground") / "data", "--api-key", KEY).start()
     yield proc
     proc.terminate()
 
@@ -157,6 +158,24 @@ def test_sam_3d_body_job_shows_the_mesh_in_the_3d_viewer(browser, server, pictur
     snap(browser, screenshots, "sam-3d-body-3-result")
 
 
+def test_sam_3d_objects_job_shows_the_scene_its_metadata_and_every_file(browser, server, pictures, screenshots):
+    open_playground(browser, server)
+    choose_model(browser, "sam-3d-objects")
+    browser.find_element(By.ID, "image-file").send_keys(str(pictures["image"]))
+    browser.find_element(By.ID, "param-mask").send_keys(str(pictures["mask"]))
+    Select(browser.find_element(By.ID, "param-preset")).select_by_value("fast")
+    browser.find_element(By.ID, "param-include_artifacts").click()
+    run_job(browser, screenshots, "sam-3d-objects")
+
+    wait(browser, lambda b: b.find_element(By.ID, "viewer").get_attribute("data-loaded") == "true", "the GLB loading")
+    assert browser.execute_script("return document.getElementById('viewer').loaded") is True
+    assert browser.find_element(By.ID, "objects-count").text == "Objects: 1"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#objects tr")) == 2  # the header and object 0
+    links = {a.get_attribute("download") for a in browser.find_elements(By.CSS_SELECTOR, "#downloads a")}
+    assert links == {"scene.glb", "scene.ply", "artifacts.zip"}
+    snap(browser, screenshots, "sam-3d-objects-3-result")
+
+
 def test_a_missing_viewer_is_a_404_naming_the_install_step(monkeypatch, tmp_path, caplog):
     monkeypatch.setitem(playground.VENDOR, "model-viewer.min.js", tmp_path / "absent.js")
     app = FastAPI()
@@ -171,3 +190,5 @@ def test_a_missing_viewer_is_a_404_naming_the_install_step(monkeypatch, tmp_path
     assert client.get("/models/sam3-image/schema").status_code == 401
     schema = client.get("/models/sam-3d-body/schema", headers={"x-api-key": KEY}).json()
     assert schema["mask_params"] == ["mask"] and "max_people" in schema["schema"]["properties"]
+    schema = client.get("/models/sam-3d-objects/schema", headers={"x-api-key": KEY}).json()
+    assert schema["mask_params"] == ["mask"] and "preset" in schema["schema"]["properties"]

@@ -96,7 +96,8 @@ function parameterField(name, property, isMask) {
     if (p.maximum !== undefined) input.max = p.maximum;
     read = async () => (input.value === "" ? undefined : Number(input.value));
   } else {
-    input = element("input", { type: "text", placeholder: p.type === "array" ? "JSON, e.g. [[x, y]]" : "" });
+    const example = p.maxItems === 4 ? "[x1, y1, x2, y2]" : "[[x, y]]"; // one box, or a list of pairs
+    input = element("input", { type: "text", placeholder: p.type === "array" ? `JSON, e.g. ${example}` : "" });
     read = async () => input.value.trim() || undefined;
   }
   input.id = id;
@@ -189,6 +190,7 @@ async function showResult(result) {
   $("response").textContent = JSON.stringify(result, null, 2);
   $("response-details").hidden = false;
   const files = outputFiles(result);
+  let viewerSet = false; // the first GLB is the scene (`output`); individual GLBs are downloads only
   for (const file of files) {
     const response = await call(file.url);
     if (!response.ok) throw new Error(`${file.file_name}: HTTP ${response.status}`);
@@ -196,7 +198,8 @@ async function showResult(result) {
     const url = URL.createObjectURL(blob);
     objectUrls.push(url);
     $("downloads").append(element("li", {}, element("a", { href: url, download: file.file_name }, file.file_name)));
-    if (blob.type === "model/gltf-binary") {
+    if (blob.type === "model/gltf-binary" && !viewerSet) {
+      viewerSet = true;
       $("viewer").hidden = false;
       $("viewer").src = url;
     } else if (file.single && file.key !== "output" && blob.type.startsWith("image/")) {
@@ -206,10 +209,31 @@ async function showResult(result) {
   }
   $("downloads-title").hidden = files.length === 0;
   if ("num_masks" in result) showMasks(result);
-  if (result.metadata) {
+  if (Array.isArray(result.metadata)) showObjects(result.metadata);
+  else if (result.metadata) {
     const people = element("p", { id: "people-count" }, `People: ${result.metadata.num_people}`);
     $("summary").append(people, element("pre", { id: "metadata" }, JSON.stringify(result.metadata, null, 2)));
   }
+}
+
+function showObjects(metadata) {
+  // sam-3d-objects: one row per object, its pose in the PyTorch3D camera frame (rotation as w, x, y, z).
+  const numbers = (values) => values.map((v) => v.toFixed(3)).join(", ");
+  const rows = metadata.map((m) =>
+    element(
+      "tr",
+      {},
+      ...[m.object_index, m.score == null ? "(mask)" : m.score.toFixed(3), numbers(m.translation), numbers(m.rotation),
+        numbers(m.scale), m.num_gaussians, m.num_faces].map((v) => element("td", {}, String(v))),
+    ),
+  );
+  const titles = ["#", "score", "translation", "rotation (w, x, y, z)", "scale", "gaussians", "faces"];
+  const head = element("tr", {}, ...titles.map((h) => element("th", {}, h)));
+  $("summary").append(
+    element("p", { id: "objects-count" }, `Objects: ${metadata.length}`),
+    element("table", { id: "objects" }, head, ...rows),
+    element("pre", { id: "metadata" }, JSON.stringify(metadata, null, 2)),
+  );
 }
 
 function showMasks(result) {
