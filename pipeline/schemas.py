@@ -57,6 +57,42 @@ Point = Annotated[list[float], Field(min_length=2, max_length=2)]
 Box = Annotated[list[float], Field(min_length=4, max_length=4)]
 
 
+def _check_clicks(points: list[list[float]] | None, labels: list[int] | None, names: tuple[str, str]) -> None:
+    """Labels need points, and one label per point or one for all; `names` = (points, labels) parameters."""
+    if labels is None:
+        return
+    if not points:
+        raise ValueError(f"{names[1]}: given without {names[0]}")
+    if len(labels) not in (1, len(points)):
+        raise ValueError(
+            f"{names[1]}: {len(labels)} labels for {len(points)} points (give one per point, or one for all)"
+        )
+
+
+def _click_labels(points: list[list[float]] | None, labels: list[int] | None) -> list[int]:
+    """One label per click: the given ones, or the single given label (default 1) repeated."""
+    labels = labels or [1]
+    return labels * len(points or ()) if len(labels) == 1 else labels
+
+
+def _check_box(box: list[float], what: str) -> None:
+    x1, y1, x2, y2 = box
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"{what} must have x2 > x1 and y2 > y1")
+
+
+def _check_points_on_image(points: list[list[float]] | None, name: str, width: int, height: int) -> None:
+    for i, (x, y) in enumerate(points or []):
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise ValueError(f"{name}: point {i} ({x}, {y}) is outside the {width}x{height} image")
+
+
+def _check_box_on_image(box: list[float], what: str, width: int, height: int) -> None:
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
+        raise ValueError(f"{what} lies outside the {width}x{height} image")
+
+
 class Sam3ImageParams(BaseModel):
     """sam3-image parameters besides the image (names, defaults and ranges as on Segmind)."""
 
@@ -94,17 +130,9 @@ class Sam3ImageParams(BaseModel):
     def _consistent(self) -> Sam3ImageParams:
         if self.text_prompt is not None:
             self.text_prompt = self.text_prompt.strip() or None
-        if self.point_labels_input is not None:
-            if not self.points_input:
-                raise ValueError("point_labels_input: given without points_input")
-            if len(self.point_labels_input) not in (1, len(self.points_input)):
-                raise ValueError(
-                    f"point_labels_input: {len(self.point_labels_input)} labels for "
-                    f"{len(self.points_input)} points (give one per point, or one for all)"
-                )
-        for i, (x1, y1, x2, y2) in enumerate(self.boxes_input or []):
-            if not (x2 > x1 and y2 > y1):
-                raise ValueError(f"boxes_input: box {i} must have x2 > x1 and y2 > y1")
+        _check_clicks(self.points_input, self.point_labels_input, ("points_input", "point_labels_input"))
+        for i, box in enumerate(self.boxes_input or []):
+            _check_box(box, f"boxes_input: box {i}")
         if not (self.text_prompt or self.points_input or self.boxes_input or self.points_per_side):
             raise ValueError(
                 "points_per_side: no prompt given and automatic mask generation is off; "
@@ -114,17 +142,13 @@ class Sam3ImageParams(BaseModel):
 
     def check_bounds(self, width: int, height: int) -> None:
         """Prompts must lie on the image; raises ValueError naming the parameter."""
-        for i, (x, y) in enumerate(self.points_input or []):
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise ValueError(f"points_input: point {i} ({x}, {y}) is outside the {width}x{height} image")
-        for i, (x1, y1, x2, y2) in enumerate(self.boxes_input or []):
-            if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
-                raise ValueError(f"boxes_input: box {i} lies outside the {width}x{height} image")
+        _check_points_on_image(self.points_input, "points_input", width, height)
+        for i, box in enumerate(self.boxes_input or []):
+            _check_box_on_image(box, f"boxes_input: box {i}", width, height)
 
     @property
     def point_labels(self) -> list[int]:
-        labels = self.point_labels_input or [1]
-        return labels * len(self.points_input) if len(labels) == 1 else labels
+        return _click_labels(self.points_input, self.point_labels_input)
 
 
 class Sam3DBodyParams(BaseModel):
@@ -206,18 +230,9 @@ class Sam3DObjectsParams(BaseModel):
     def _consistent(self) -> Sam3DObjectsParams:
         if self.prompt is not None:
             self.prompt = self.prompt.strip() or None
-        if self.point_labels is not None:
-            if not self.point_coords:
-                raise ValueError("point_labels: given without point_coords")
-            if len(self.point_labels) not in (1, len(self.point_coords)):
-                raise ValueError(
-                    f"point_labels: {len(self.point_labels)} labels for {len(self.point_coords)} points "
-                    "(give one per point, or one for all)"
-                )
+        _check_clicks(self.point_coords, self.point_labels, ("point_coords", "point_labels"))
         if self.bounding_box is not None:
-            x1, y1, x2, y2 = self.bounding_box
-            if not (x2 > x1 and y2 > y1):
-                raise ValueError("bounding_box: must have x2 > x1 and y2 > y1")
+            _check_box(self.bounding_box, "bounding_box:")
         selects = self.bounding_box is not None or bool(self.point_coords)
         if self.mask is not None and (self.prompt or selects):
             raise ValueError("mask: give either mask or prompt / bounding_box / point_coords, not both")
@@ -229,15 +244,10 @@ class Sam3DObjectsParams(BaseModel):
 
     def check_bounds(self, width: int, height: int) -> None:
         """Prompts must lie on the image; raises ValueError naming the parameter."""
-        for i, (x, y) in enumerate(self.point_coords or []):
-            if not (0 <= x <= width and 0 <= y <= height):
-                raise ValueError(f"point_coords: point {i} ({x}, {y}) is outside the {width}x{height} image")
+        _check_points_on_image(self.point_coords, "point_coords", width, height)
         if self.bounding_box is not None:
-            x1, y1, x2, y2 = self.bounding_box
-            if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
-                raise ValueError(f"bounding_box: lies outside the {width}x{height} image")
+            _check_box_on_image(self.bounding_box, "bounding_box:", width, height)
 
     @property
     def labels(self) -> list[int]:
-        labels = self.point_labels or [1]
-        return labels * len(self.point_coords or ()) if len(labels) == 1 else labels
+        return _click_labels(self.point_coords, self.point_labels)

@@ -10,18 +10,15 @@ tensor must land in the model.
 
 from __future__ import annotations
 
-import logging
-import pickle
 from pathlib import Path
 
 import torch
 
+from models.checkpoint_io import read_checkpoint
 from models.sam3.checkpoint import CheckpointError, KeyReport
 from models.sam3d_body.config import Sam3DBodyConfig
 from models.sam3d_body.heads import NUM_FACE, NUM_JOINTS, NUM_SHAPE, NUM_VERTICES, BodyModel
 from models.sam3d_body.sam3d_body import Sam3DBody
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "model_config.yaml"
 CHECKPOINT_FILE = "model.ckpt"
@@ -30,34 +27,6 @@ MHR_FILE = "assets/mhr_model.pt"
 NOT_IN_CHECKPOINT = {"backbone.encoder.mask_token"}
 # Tensors of the official model that inference never reads; tolerated should a checkpoint carry them.
 UNUSED = {"head_pose.hand_pose_comps_ori", "head_pose_hand.hand_pose_comps_ori"}
-
-
-def _load(path: Path, weights_only: bool) -> object:
-    """torch.load, memory-mapped when the archive allows it (stored, not deflated, members).
-
-    Mapped, the file's pages are not copied into the process first, so loading does not need
-    room for the checkpoint and the model at once.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError:  # a compressed archive cannot be mapped
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-
-
-def read_checkpoint(path: Path, trusted_root: Path) -> dict[str, torch.Tensor]:
-    """The state dict in `path`: a flat {key: tensor} dict, or one under "state_dict"."""
-    try:
-        data = _load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not path.resolve().is_relative_to(trusted_root.resolve()):
-            raise CheckpointError(f"{path}: holds objects other than tensors and is outside {trusted_root}") from err
-        log.warning("%s holds objects other than tensors (%s); loading it with the full unpickler", path, err)
-        data = _load(path, weights_only=False)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return data
 
 
 def build_model(config: Sam3DBodyConfig, state: dict[str, torch.Tensor]) -> tuple[Sam3DBody, KeyReport]:

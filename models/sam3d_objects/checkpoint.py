@@ -37,8 +37,8 @@ import torch
 import yaml
 from torch import nn
 
+from models.checkpoint_io import read_checkpoint, torch_load
 from models.sam3.checkpoint import CheckpointError, KeyReport
-from models.sam3d_body.checkpoint import _load, read_checkpoint
 from models.sam3d_objects.condition_embedder import EmbedderFuser, build_condition_embedder
 from models.sam3d_objects.flow_sampler import FlowSampler
 from models.sam3d_objects.gaussian_decoder import SLatGaussianDecoder
@@ -524,7 +524,7 @@ def _read_moge(path: Path) -> tuple[MoGeModel, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"missing {path}")
     try:
         # MoGe's own `from_pretrained` reads it with weights_only=True too, so no full-unpickler fallback here.
-        data = _load(path, weights_only=True)
+        data = torch_load(path, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: holds objects other than tensors and plain configuration") from err
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or "model_config" not in data:

@@ -332,7 +332,7 @@ class SLatGaussianDecoder(SwinLatentDecoder):
 
     def forward(self, x: SparseVoxels) -> list[GaussianSet]:
         """Decode de-normalised structured latents (coords sorted by batch) into one GaussianSet per batch item."""
-        h = self.out_layer(F.layer_norm(self.trunk(x), (self.model_channels,)))
+        h = self.out_layer(F.layer_norm(self.trunk(x), (self.model_channels,))).float()  # fields in fp32
         return [self.to_gaussians(x.coords[rows], h[rows]) for rows in x.batch_slices()]
 
     def to_gaussians(self, coords: torch.Tensor, out: torch.Tensor) -> GaussianSet:
