@@ -50,10 +50,10 @@ JOB_BOUND = 120.0  # seconds by which every job accepted during the fuzz run mus
 
 
 @pytest.fixture(scope="module")
-def server(body_weights_dir, tmp_path_factory):
+def server(all_weights_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz") / "data"
     args = ("--api-key", KEY, "--max-queue", "1000", "--max-batch-size", "4", "--job-timeout", str(int(JOB_BOUND)))
-    proc = ServerProcess(body_weights_dir, data, *args).start()
+    proc = ServerProcess(all_weights_dir, data, *args).start()
     yield proc
     proc.terminate()
 
@@ -65,12 +65,17 @@ def reach_the_worker(case, draw: int) -> bool:
     """Half of the valid bodies get a real image, so that their parameters run through the model.
 
     Bounded so that the run stays short: an automatic-mask grid of at most 16 per side, at most 4
-    people; a generated mask is replaced by a valid one.
+    people; a generated mask is replaced by a valid one. A 3D object is given by that mask (a text or
+    box prompt on the random SAM 3 may rightly find nothing) and sampled with one step per flow.
     """
     body = case.body
     if draw % 2 or not (isinstance(body, dict) and isinstance(body.get("image"), str)):
         return False
     body["image"] = IMAGE
+    if case.operation.path.endswith("/sam-3d-objects"):
+        for name in ("prompt", "bounding_box", "point_coords", "point_labels"):
+            body.pop(name, None)
+        body.update(mask=MASK, geometry_steps=1, latent_steps=1)
     if isinstance(body.get("points_per_side"), int):
         body["points_per_side"] = min(body["points_per_side"], 16)
     if isinstance(body.get("max_people"), int):
