@@ -5,7 +5,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed
 PLAYGROUND := server/playground/node_modules/.package-lock.json
 
-.PHONY: serve test lint bench bench-body redis-server playground chromium
+.PHONY: serve test lint bench bench-body bench-objects redis-server playground chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,6 @@ bench: $(INSTALLED)
 
 bench-body: $(INSTALLED)
 	$(VENV)/bin/python -m benchmarks.sam3d_body $(ARGS)
+
+bench-objects: $(INSTALLED)
+	$(VENV)/bin/python -m benchmarks.sam3d_objects $(ARGS)
