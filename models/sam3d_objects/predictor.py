@@ -88,10 +88,14 @@ class Sam3DObjectsPredictor:
             yield
 
     def pointmap(self, image: np.ndarray) -> Pointmap:
-        """MoGe on the whole image (official `compute_pointmap`: masked points, no forced projection)."""
+        """MoGe on the whole image (official `compute_pointmap`: masked points, no forced projection).
+
+        The release runs MoGe's fp32 weights under fp16 autocast; ours are already in the serving dtype, so MoGe
+        runs under the same autocast as every stage (fp16 autocast over bf16 weights would mix the two types).
+        """
         rgb = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255
         with self._precision():
-            out = self.models.moge.infer(rgb, force_projection=False, use_fp16=self.device.type == "cuda")
+            out = self.models.moge.infer(rgb, force_projection=False, use_fp16=False)
         return Pointmap(opencv_to_pytorch3d(out["points"].float()), out["intrinsics"].float())
 
     def reconstruct(
