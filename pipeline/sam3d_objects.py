@@ -45,7 +45,7 @@ def _usable(mask: np.ndarray) -> bool:
 
 
 def _object_masks(
-    sam3: Sam3Predictor | None, item: TaskInput, timer: StageTimer
+    sam3: Sam3Predictor, item: TaskInput, timer: StageTimer
 ) -> tuple[list[np.ndarray], list[float | None]] | TaskError:
     """The masks (H, W bool) of the objects to reconstruct, best first, with their SAM 3 scores."""
     p: Sam3DObjectsParams = item.params
@@ -53,8 +53,6 @@ def _object_masks(
         if not _usable(item.masks["mask"]):
             return TaskError("mask: the object must span at least 3 pixels across and down")
         return [item.masks["mask"].astype(bool)], [None]
-    if sam3 is None:
-        return TaskError("prompt: SAM 3 weights are not loaded on this server; send a mask instead")
     (embedding,) = sam3.embed([(item.image_key, item.image)])
     if not embedding.cached:
         timer.add("embed", embedding.seconds)
@@ -77,7 +75,7 @@ def _object_masks(
     return [mask], [float(found.scores[0])]
 
 
-def _run_one(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor | None, item: TaskInput) -> TaskOutput | TaskError:
+def _run_one(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, item: TaskInput) -> TaskOutput | TaskError:
     p: Sam3DObjectsParams = item.params
     timer = StageTimer()
     selected = _object_masks(sam3, item, timer)
@@ -125,8 +123,6 @@ def _run_one(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor | None, item:
     return output
 
 
-def run(
-    predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor | None, items: list[TaskInput]
-) -> list[TaskOutput | TaskError]:
+def run(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, items: list[TaskInput]) -> list[TaskOutput | TaskError]:
     """Reconstruct the prompted objects of a batch of images, one object after another."""
     return [_run_one(predictor, sam3, item) for item in items]
