@@ -413,7 +413,12 @@ class FlexiCubes:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique sign-changing edges; per cube edge: its surface-edge index (or -1), share count and surface flag."""
         all_edges = surf_idx[:, CUBE_EDGES.to(surf_idx.device)].reshape(-1, 2)
-        unique_edges, inverse, counts = torch.unique(all_edges, dim=0, return_inverse=True, return_counts=True)
+        # Unique (v0, v1) pairs in lexicographic order, as torch.unique(dim=0), through 1-D keys (far less memory).
+        n = int(all_edges.max()) + 1
+        keys, inverse, counts = torch.unique(
+            all_edges[:, 0] * n + all_edges[:, 1], return_inverse=True, return_counts=True
+        )
+        unique_edges = torch.stack([keys // n, keys % n], dim=1)
         is_surf = occ[unique_edges].sum(-1) == 1
         mapping = torch.full((unique_edges.shape[0],), -1, dtype=torch.long, device=surf_idx.device)
         mapping[is_surf] = torch.arange(int(is_surf.sum()), device=surf_idx.device)
