@@ -687,9 +687,10 @@ def _markdown_plan(e: dict, c: dict | None) -> list[str]:
             f"The mesh decoder's activations grow with the voxel count: {e['mesh_bytes_per_voxel'] / 1e6:.2f} MB per "
             f"input voxel at fp32 here, so a 24 GB card holding the bf16 weights has room for about "
             f"{e['mesh_max_voxels_24gb']:,} voxels. At the release's cap of {STRUCTURE_CAP:,} voxels the same "
-            f"arithmetic gives {_gb(e['peak_at_structure_cap_bytes'])}, over 24 GB: with random weights nearly every "
-            "subdivided cell holds surface (see the face count in (d)), which a trained decoder's does not, so this "
-            "is a bound, not a measure.",
+            f"arithmetic gives {_gb(e['peak_at_structure_cap_bytes'])}"
+            f"{', within' if e['peak_at_structure_cap_bytes'] < e['card_bytes'] else ', over'} 24 GB. With random "
+            "weights nearly every subdivided cell holds surface (see the face count in (d)), which a trained "
+            "decoder's does not, so this is a bound, not a measure.",
         ]
     return lines
 
