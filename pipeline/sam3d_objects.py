@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from models.sam3.predictor import ObjectPrompt, Sam3Predictor
+from models.sam3.predictor import ImageEmbedding, ObjectPrompt, Sam3Predictor
 from models.sam3d_objects.predictor import (
     PRESETS,
     EmptyStructureError,
@@ -45,15 +45,15 @@ def _usable(mask: np.ndarray) -> bool:
 
 
 def _object_masks(
-    sam3: Sam3Predictor, item: TaskInput, timer: StageTimer
+    sam3: Sam3Predictor, item: TaskInput, embedding: ImageEmbedding | None, timer: StageTimer
 ) -> tuple[list[np.ndarray], list[float | None]] | TaskError:
-    """The masks (H, W bool) of the objects to reconstruct, best first, with their SAM 3 scores."""
+    """The masks (H, W bool) of the objects to reconstruct, best first, with their SAM 3 scores. `embedding`
+    is the image's SAM 3 embedding, None when the request gives its mask."""
     p: Sam3DObjectsParams = item.params
-    if "mask" in item.masks:
+    if embedding is None:
         if not _usable(item.masks["mask"]):
             return TaskError("mask: the object must span at least 3 pixels across and down")
         return [item.masks["mask"].astype(bool)], [None]
-    (embedding,) = sam3.embed([(item.image_key, item.image)])
     if not embedding.cached:
         timer.add("embed", embedding.seconds)
     size = item.image.shape[:2]
@@ -75,10 +75,12 @@ def _object_masks(
     return [mask], [float(found.scores[0])]
 
 
-def _run_one(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, item: TaskInput) -> TaskOutput | TaskError:
+def _run_one(
+    predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, item: TaskInput, embedding: ImageEmbedding | None
+) -> TaskOutput | TaskError:
     p: Sam3DObjectsParams = item.params
     timer = StageTimer()
-    selected = _object_masks(sam3, item, timer)
+    selected = _object_masks(sam3, item, embedding, timer)
     if isinstance(selected, TaskError):
         return selected
     masks, scores = selected
@@ -124,5 +126,9 @@ def _run_one(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, item: TaskIn
 
 
 def run(predictor: Sam3DObjectsPredictor, sam3: Sam3Predictor, items: list[TaskInput]) -> list[TaskOutput | TaskError]:
-    """Reconstruct the prompted objects of a batch of images, one object after another."""
-    return [_run_one(predictor, sam3, item) for item in items]
+    """Reconstruct the prompted objects of a batch of images, one object after another. The images that need
+    SAM 3 share one embedding call (a batched ViT pass where the device gains from it)."""
+    prompted = [i for i, item in enumerate(items) if "mask" not in item.masks]
+    embeddings = sam3.embed([(items[i].image_key, items[i].image) for i in prompted]) if prompted else []
+    found = dict(zip(prompted, embeddings))
+    return [_run_one(predictor, sam3, item, found.get(i)) for i, item in enumerate(items)]

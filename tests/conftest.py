@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BPE_VOCAB = SHARED / "fixtures" / "sam3" / "bpe_simple_vocab_16e6.txt.gz"
 SAM3D_BODY_PARITY = SHARED / "fixtures" / "sam3d_body" / "parity_a"
+SAM3D_OBJECTS_FIXTURES = SHARED / "fixtures" / "sam3d_objects"
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
+from tests.conftest import REPO
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
+
 PARITY_A = FIXTURES / "parity_a"
 CHEAP_COMPONENTS = ("condition_embedder", "ss_generator", "slat_generator")
 

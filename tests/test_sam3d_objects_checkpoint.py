@@ -29,8 +29,8 @@ from models.sam3d_objects.checkpoint import (
 from models.sam3d_objects.flow_sampler import draw_noise
 from models.sam3d_objects.random_checkpoint import write_random_snapshot
 from models.sam3d_objects.sparse_structure_decoder import occupied_coords
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 CONFIGS_USED = FIXTURES / "configs_used"
 LOADED = ("ss_generator", "slat_generator", "ss_decoder", "slat_decoder_gs", "slat_decoder_mesh")
 needs_fixtures = pytest.mark.skipif(not CONFIGS_USED.is_dir(), reason="sam3d_objects fixtures not available")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import yaml
 
 from models.sam3d_objects.condition_embedder import EmbedderFuser, build_condition_embedder
 from models.sam3d_objects.dinov2 import DINOV2_SPECS, DinoV2Model
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import EMBEDDER_PREFIX, assert_within_tolerance, condition_embedder_rows, embedder_state
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "condition_embedder"
 CKPT_A = FIXTURES / "parity_a" / "ss_generator" / "ss_generator.ckpt"
 

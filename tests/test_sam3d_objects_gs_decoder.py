@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.sam3d_objects.gaussian_decoder import SLatGaussianDecoder
 from models.sam3d_objects.sparse_attention import windowed_self_attention
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import GAUSSIAN_FIELDS, assert_within_tolerance, slat_decoder_gs_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "slat_decoder_gs"
 REAL_CONFIG = FIXTURES / "configs_used" / "slat_decoder_gs.yaml"
 MANIFESTS = FIXTURES / "manifests"

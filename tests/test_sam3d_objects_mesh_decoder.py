@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import torch
 from models.sam3d_objects.flexicubes import FlexiCubes
 from models.sam3d_objects.mesh_decoder import SLatMeshDecoder, SparsePointwiseConv3d, sparse_subdivide
 from models.sam3d_objects.sparse_attention import SparseVoxels
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import assert_within_tolerance, slat_decoder_mesh_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "slat_decoder_mesh"
 REAL_CONFIG = FIXTURES / "configs_used" / "slat_decoder_mesh.yaml"
 MANIFESTS = FIXTURES / "manifests"

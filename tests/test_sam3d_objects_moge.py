@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from models.sam3d_objects.moge import MOGE_VITL_CONFIG, MoGeConfig, MoGeModel, load_moge
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import assert_within_tolerance, moge_rows, moge_solver_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 MOGE_DIR = FIXTURES / "parity_a" / "moge"
 
 pytestmark = pytest.mark.skipif(not MOGE_DIR.is_dir(), reason="SAM 3D Objects MoGe fixtures not present")

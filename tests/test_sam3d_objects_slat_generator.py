@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch
 from models.sam3d_objects.flow_sampler import FlowSampler
 from models.sam3d_objects.latent_flow import build_slat_flow
 from models.sam3d_objects.structure_flow import VELOCITY_PREFIX, load_generator_config
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import assert_within_tolerance, readme_cfg, slat_generator_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 SET_DIR = FIXTURES / "parity_a" / "slat_generator"
 
 pytestmark = pytest.mark.skipif(not SET_DIR.is_dir(), reason="slat_generator fixture not available")

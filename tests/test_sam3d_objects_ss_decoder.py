@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.sam3d_objects.sparse_structure_decoder import SparseStructureDecoder
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import assert_within_tolerance, ss_decoder_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 PARITY_A = FIXTURES / "parity_a" / "ss_decoder"
 REAL_CONFIG = FIXTURES / "configs_used" / "ss_decoder.yaml"
 MANIFEST = FIXTURES / "manifests" / "ss_decoder.json"

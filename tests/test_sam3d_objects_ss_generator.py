@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 
 from models.sam3d_objects.flow_sampler import FlowSampler
 from models.sam3d_objects.structure_flow import build_structure_flow, load_generator_config
+from tests.conftest import SAM3D_OBJECTS_FIXTURES as FIXTURES
 from tests.parity.sam3d_objects import assert_within_tolerance, ss_generator_rows, ss_noise_rows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sam3d_objects"
 SET_DIR = FIXTURES / "parity_a" / "ss_generator"
 
 pytestmark = pytest.mark.skipif(not SET_DIR.is_dir(), reason="ss_generator fixture not available")

@@ -24,7 +24,13 @@ from models.sam3d_objects.flow_sampler import FlowSampler
 from models.sam3d_objects.sparse_attention import SparseVoxels
 from models.sam3d_objects.sparse_conv import SparseConv3d, submanifold_neighbors
 from models.sam3d_objects.sparse_resample import downsample, upsample
-from models.sam3d_objects.structure_flow import CrossAttention, FeedForwardNet, MultiHeadRMSNorm, TimestepEmbedder
+from models.sam3d_objects.structure_flow import (
+    CrossAttention,
+    FeedForwardNet,
+    MultiHeadRMSNorm,
+    TimestepEmbedder,
+    attention,
+)
 
 _WRAPPER_TARGET = "sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_flow.SLatFlowModelTdfyWrapper"
 _REQUIRED = {
@@ -113,15 +119,7 @@ class SparseSelfAttention(nn.Module):
         q, k, v = self.to_qkv(feats).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=1)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1))
-                .transpose(0, 1)
-                .flatten(1)
-                for s in slices
-            ]
-        )
-        return self.to_out(out)
+        return self.to_out(torch.cat([attention(q[s][None], k[s][None], v[s][None])[0] for s in slices]))
 
 
 class ModulatedSparseTransformerCrossBlock(nn.Module):
